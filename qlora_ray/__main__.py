@@ -1,0 +1,3 @@
+from qlora_ray.cli import main
+
+main()

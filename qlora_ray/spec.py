@@ -1,0 +1,583 @@
+"""The job spec: typed schema, strict loading, validation.
+
+A spec is YAML data, never code: it is read with ``yaml.safe_load``, interpolations
+(``${...}``) are refused, and every value is checked against the dataclasses below.
+All problems are collected and raised together as one :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qlora_ray.errors import UserError
+
+# The offline default model: SmolLM2-135M-Instruct shipped as GGUF inside a PyPI package.
+OFFLINE_ALIASES = ("smollm2-135m-instruct",)
+DATA_FORMATS = ("auto", "messages", "alpaca", "prompt_response", "text")
+QUANT_MODES = ("nf4", "fp4", "int8", "none")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
+# GPUs without bf16 support (compute capability < 8.0) that people rent for QLoRA.
+NO_BF16_ACCELERATORS = ("T4", "V100", "P100", "K80", "P4")
+URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "file://")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A schema field: the default lives here, the help text doubles as documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _sub(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+Problem = tuple  # (key path, message)
+
+
+@dataclass
+class ModelSpec:
+    name: str = _f(MISSING, "Hub id (org/name), local HF directory, .gguf file, or the offline alias 'smollm2-135m-instruct'.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub to run. Off unless you trust the repo.")
+
+    def problems(self) -> Iterator[Problem]:
+        if not self.name.strip():
+            yield "name", "must not be empty"
+
+
+@dataclass
+class DataSpec:
+    train: str = _f(MISSING, "Training data: a local .jsonl/.json/.csv/.parquet file or glob, or hf://org/name[:split].")
+    eval: Optional[str] = _f(None, "Held-out data in the same forms; if unset, eval_fraction of train is held out.")
+    eval_fraction: float = _f(0.05, "Fraction of train held out for evaluation when eval is unset (fixed seed).")
+    format: str = _f("auto", "Row format: auto, messages, alpaca, prompt_response or text.")
+    max_seq_len: int = _f(512, "Maximum tokens per training row; longer examples are truncated.")
+    packing: bool = _f(True, "Pack several examples per row (attention stays within each example).")
+    train_on_prompt: bool = _f(False, "Also train on user/system tokens, not only assistant replies.")
+    chat_template: Optional[str] = _f(None, "Jinja chat template overriding the tokenizer's own.")
+    max_train_examples: Optional[int] = _f(None, "Use at most this many training examples (after shuffling).")
+    max_eval_examples: Optional[int] = _f(None, "Use at most this many eval examples.")
+    seed: int = _f(42, "Seed for shuffling and the eval split.")
+    cache_dir: str = _f("~/.cache/qlora-ray", "Where tokenized datasets and converted models are cached.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.format not in DATA_FORMATS:
+            yield "format", f"'{self.format}' is not one of {', '.join(DATA_FORMATS)}"
+        if self.max_seq_len < 16:
+            yield "max_seq_len", f"must be >= 16, got {self.max_seq_len}"
+        if not 0.0 <= self.eval_fraction < 1.0:
+            yield "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}"
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                yield key, f"must be >= 1 when set, got {value}"
+
+
+@dataclass
+class QuantizationSpec:
+    mode: str = _f("nf4", "Base weight quantization: nf4, fp4 (4-bit), int8, or none.")
+    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = _f("auto", "auto (bf16 on sm>=80, fp16 on older GPUs such as T4, fp32 on CPU), bf16, fp16, fp32.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.mode not in QUANT_MODES:
+            yield "mode", f"'{self.mode}' is not one of {', '.join(QUANT_MODES)}"
+        if self.compute_dtype not in DTYPES:
+            yield "compute_dtype", f"'{self.compute_dtype}' is not one of {', '.join(DTYPES)}"
+
+
+@dataclass
+class LoraSpec:
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: List[str] = _f(["all-linear"], "Modules to adapt: 'all-linear' or a list of module names.")
+    rslora: bool = _f(False, "Rank-stabilized scaling alpha / sqrt(r).")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.r < 1:
+            yield "r", f"must be >= 1, got {self.r}"
+        if self.alpha < 1:
+            yield "alpha", f"must be >= 1, got {self.alpha}"
+        if not 0.0 <= self.dropout < 1.0:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        if not self.target_modules:
+            yield "target_modules", "must name at least one module (or 'all-linear')"
+
+
+@dataclass
+class TrainSpec:
+    lr: float = _f(2.0e-4, "Peak learning rate, in (0, 1).")
+    epochs: float = _f(1.0, "Passes over the training set (ignored when max_steps is set).")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps.")
+    batch_size: int = _f(8, "Rows per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up, in [0, 1).")
+    scheduler: str = _f("cosine", "Learning-rate decay after warmup: cosine, linear or constant.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    optimizer: str = _f("auto", "auto (paged 8-bit AdamW on CUDA, AdamW on CPU), adamw, adamw_8bit, paged_adamw_8bit.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps (and at the end).")
+    log_every: int = _f(5, "Report metrics every N optimizer steps.")
+    seed: int = _f(42, "Seed for initialization, dropout and data order.")
+
+    def problems(self) -> Iterator[Problem]:
+        if not 0.0 < self.lr < 1.0:
+            yield "lr", f"must be in (0, 1), got {self.lr}"
+        if self.epochs <= 0:
+            yield "epochs", f"must be > 0, got {self.epochs}"
+        for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                yield key, f"must be >= 1, got {getattr(self, key)}"
+        if self.max_steps is not None and self.max_steps < 1:
+            yield "max_steps", f"must be >= 1 when set, got {self.max_steps}"
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
+        if self.scheduler not in SCHEDULERS:
+            yield "scheduler", f"'{self.scheduler}' is not one of {', '.join(SCHEDULERS)}"
+        if self.optimizer not in OPTIMIZERS:
+            yield "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        if self.max_grad_norm < 0:
+            yield "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"
+
+
+@dataclass
+class EvalSpec:
+    perplexity: bool = _f(True, "Measure base and tuned perplexity on the eval set's target tokens.")
+    prompts: Optional[str] = _f(None, "Text file with one user prompt per line for side-by-side sample replies.")
+    max_prompts: Optional[int] = _f(None, "Use at most this many prompts.")
+    max_new_tokens: int = _f(96, "Tokens generated per sample reply (greedy).")
+    batch_size: int = _f(8, "Rows per evaluation batch.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.max_new_tokens < 1:
+            yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        if self.batch_size < 1:
+            yield "batch_size", f"must be >= 1, got {self.batch_size}"
+        if self.max_prompts is not None and self.max_prompts < 1:
+            yield "max_prompts", f"must be >= 1 when set, got {self.max_prompts}"
+
+
+@dataclass
+class ResourcesSpec:
+    gpus_per_trial: float = _f(1.0, "GPUs per trial worker (0 trains on the CPU).")
+    cpus_per_trial: float = _f(1.0, "CPUs per trial worker.")
+    accelerator_type: Optional[str] = _f(None, "Ray accelerator type the worker needs, e.g. T4, A100.")
+    max_concurrent_trials: int = _f(0, "Trials run at once; 0 picks from the cluster's GPUs (or CPUs).")
+    max_failures: int = _f(2, "Retries per trial after a worker dies; each resumes from its last checkpoint.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.gpus_per_trial < 0:
+            yield "gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}"
+        if self.cpus_per_trial <= 0:
+            yield "cpus_per_trial", f"must be > 0, got {self.cpus_per_trial}"
+        if self.max_concurrent_trials < 0:
+            yield "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}"
+        if self.max_failures < 0:
+            yield "max_failures", f"must be >= 0, got {self.max_failures}"
+        if self.accelerator_type is not None and self.gpus_per_trial == 0:
+            yield "accelerator_type", "is set but gpus_per_trial is 0; set gpus_per_trial or drop accelerator_type"
+
+
+@dataclass
+class OutputSpec:
+    dir: str = _f("runs", "Where experiments are written: a path (relative to the spec) or a storage URI (s3://, gs://).")
+
+
+@dataclass
+class JobSpec:
+    name: str = _f(MISSING, "Experiment name; names the output folder and the trial ids.")
+    base: Optional[str] = _f(None, "Another spec file this one inherits from (relative to this file).")
+    model: ModelSpec = _sub(ModelSpec, "The base model.")
+    data: DataSpec = _sub(DataSpec, "Training and evaluation data.")
+    quantization: QuantizationSpec = _sub(QuantizationSpec, "How the frozen base is quantized.")
+    lora: LoraSpec = _sub(LoraSpec, "The LoRA adapters.")
+    train: TrainSpec = _sub(TrainSpec, "Optimization.")
+    eval: EvalSpec = _sub(EvalSpec, "Evaluation.")
+    sweep: Dict[str, List[Any]] = _f({}, "Grid: dotted spec path -> list of values; trials are the product.")
+    resources: ResourcesSpec = _sub(ResourcesSpec, "What each trial needs from the cluster.")
+    output: OutputSpec = _sub(OutputSpec, "Where results go.")
+
+    def problems(self) -> Iterator[Problem]:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            yield "name", f"'{self.name}' must be a non-empty name without slashes or spaces"
+        for section in (self.model, self.data, self.quantization, self.lora, self.train,
+                        self.eval, self.resources):
+            prefix = _SECTION_NAMES[type(section)]
+            for key, message in section.problems():
+                yield f"{prefix}.{key}", message
+        accel = (self.resources.accelerator_type or "").upper()
+        if self.quantization.compute_dtype == "bf16" and accel in NO_BF16_ACCELERATORS:
+            yield "quantization.compute_dtype", f"bf16 is not supported on {accel}; use auto or fp16"
+
+    @property
+    def experiment_dir(self) -> str:
+        """The experiment's folder (path or URI): ``<output.dir>/<name>``."""
+        return f"{self.output.dir.rstrip('/')}/{self.name}"
+
+
+_SECTION_NAMES = {ModelSpec: "model", DataSpec: "data", QuantizationSpec: "quantization",
+                  LoraSpec: "lora", TrainSpec: "train", EvalSpec: "eval",
+                  ResourcesSpec: "resources", OutputSpec: "output"}
+
+
+class SpecError(UserError):
+    """Every problem found in a spec, each as ``<file>: <key.path>: <message>``."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# ---------------------------------------------------------------- schema walking
+
+def _schema_fields(cls: type) -> Dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def leaf_paths(cls: type = JobSpec, prefix: str = "") -> Dict[str, dataclasses.Field]:
+    """All dotted leaf paths of the schema (sections expanded), e.g. ``lora.r``."""
+    out = {}
+    for name, f in _schema_fields(cls).items():
+        path = f"{prefix}{name}"
+        if cls is JobSpec and name in _SECTION_NAMES.values():
+            out.update(leaf_paths(_section_class(name), path + "."))
+        else:
+            out[path] = f
+    return out
+
+
+def _section_class(name: str) -> type:
+    return {v: k for k, v in _SECTION_NAMES.items()}[name]
+
+
+def _unknown_keys(raw: Dict[str, Any], cls: type, prefix: str) -> Iterator[Problem]:
+    known = _schema_fields(cls)
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            yield path, f"unknown key{hint}"
+        elif cls is JobSpec and key in _SECTION_NAMES.values():
+            if not isinstance(value, dict):
+                yield path, f"must be a mapping of {key} settings, got {type(value).__name__}"
+            else:
+                yield from _unknown_keys(value, _section_class(key), path + ".")
+
+
+def _flatten(raw: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path in _SECTION_NAMES.values():
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, list):
+        return any(_has_interpolation(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_interpolation(v) for v in value.values())
+    return False
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"{path}: cannot read spec file: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: a spec must be a YAML mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "sweep":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_chain(path: Path, seen: tuple = ()) -> tuple[Dict[str, Any], Dict[str, Path]]:
+    """Read a spec and its ``base:`` ancestors; returns the merged tree and each leaf's source file."""
+    path = path.resolve()
+    if path in seen:
+        raise SpecError([f"{path}: base: inheritance loops back to this file"])
+    raw = _read_yaml(path)
+    # Relative paths are anchored to the file that wrote them, before files are merged.
+    raw = _anchor_paths(raw, path.parent)
+    origin = {k: path for k in _flatten(raw)}
+    base = raw.get("base")
+    if base is None:
+        return raw, origin
+    if not isinstance(base, str):
+        raise SpecError([f"{path}: base: must be a path to another spec file"])
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    if not base_path.is_file():
+        raise SpecError([f"{path}: base: file '{base}' not found (looked at {base_path})"])
+    parent, parent_origin = _load_chain(base_path, seen + (path,))
+    merged = _deep_merge(parent, {k: v for k, v in raw.items() if k != "base"})
+    merged["base"] = str(base_path.resolve())
+    return merged, {**parent_origin, **origin}
+
+
+_PATH_KEYS = ("data.train", "data.eval", "eval.prompts", "output.dir", "model.name", "data.cache_dir")
+
+
+def _is_uri(value: str) -> bool:
+    return value.startswith("hf://") or value.startswith(URI_SCHEMES)
+
+
+def _looks_local(key: str, value: str, anchor: Path) -> bool:
+    if key != "model.name":
+        return True
+    # A model name is a path when it says so or exists on disk; otherwise a hub id or alias.
+    return (value.startswith((".", "/", "~")) or value.endswith(".gguf")
+            or (anchor / value).exists())
+
+
+def _anchor_paths(raw: Dict[str, Any], anchor: Path) -> Dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key in _PATH_KEYS:
+        section, leaf = key.split(".")
+        value = out.get(section, {}).get(leaf) if isinstance(out.get(section), dict) else None
+        if not isinstance(value, str) or not value or _is_uri(value) or "${" in value:
+            continue
+        if key == "data.cache_dir" or value.startswith("~"):
+            value = os.path.expanduser(value)
+        if key == "data.cache_dir" and not os.path.isabs(value):
+            continue
+        if _looks_local(key, value, anchor):
+            out[section][leaf] = os.path.normpath(str(anchor / value))
+    return out
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """``['train.lr=1e-4', 'lora.r=8']`` -> ``{'train.lr': '1e-4', 'lora.r': 8}`` (values parsed as YAML)."""
+    out, bad = {}, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            bad.append(f"override '{item}': expected key.path=value, e.g. train.lr=1e-4")
+            continue
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    if bad:
+        raise SpecError(bad)
+    return out
+
+
+def _set_path(tree: Dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> JobSpec:
+    """Load, inherit, override and validate a job spec; raise :class:`SpecError` with every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"{path}: spec file not found"])
+    raw, origin = _load_chain(path)
+    cwd = Path.cwd()
+    for key, value in parse_overrides(overrides or []).items():
+        if key in ("data.train", "data.eval", "eval.prompts", "output.dir") and isinstance(value, str):
+            value = _anchor_paths({key.split(".")[0]: {key.split(".")[1]: value}}, cwd)[key.split(".")[0]][key.split(".")[1]]
+        _set_path(raw, key, value)
+        origin[key] = Path("command line")
+    return build_spec(raw, origin, path)
+
+
+def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path) -> JobSpec:
+    """Check a merged raw tree against the schema; return a typed JobSpec or raise SpecError."""
+    problems: List[Problem] = list(_unknown_keys(raw, JobSpec, ""))
+    if isinstance(raw.get("lora"), dict) and isinstance(raw["lora"].get("target_modules"), str):
+        raw["lora"]["target_modules"] = [raw["lora"]["target_modules"]]
+    cfg = OmegaConf.structured(JobSpec)
+    bad_paths = {p for p, _ in problems}
+    for key, value in _flatten(raw).items():
+        if key in bad_paths or key.split(".")[0] in bad_paths:
+            continue
+        if _has_interpolation(value):
+            problems.append((key, "interpolation (${...}) is not allowed in specs; write the value itself"))
+            continue
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            problems.append((key, _omegaconf_message(e, value)))
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        if key not in {k for k, _ in problems}:
+            problems.append((key, "is required but missing"))
+        # A stand-in lets the range checks below still run, so every problem shows at once.
+        OmegaConf.update(cfg, key, "_missing_", merge=False)
+    spec = OmegaConf.to_object(cfg)
+    reported = {key for key, _ in problems}
+    later = [*spec.problems(), *_file_problems(spec, path), *_sweep_problems(spec, raw.get("sweep") or {})]
+    problems.extend((key, msg) for key, msg in later
+                    if key not in reported and not any(key.startswith(r + ".") for r in reported))
+    if problems:
+        raise SpecError([f"{_source(origin, key, path)}: {key}: {message}" for key, message in problems])
+    return spec
+
+
+def _omegaconf_message(e: OmegaConfBaseException, value: Any) -> str:
+    first = str(e).splitlines()[0]
+    if "could not be converted" in first or "Invalid value assigned" in first or "Value '" in first:
+        return f"wrong type: {first}"
+    return first
+
+
+def _source(origin: Dict[str, Path], key: str, path: Path) -> str:
+    for k in (key, key.split("[")[0], key.rsplit(".", 1)[0]):
+        if k in origin:
+            return str(origin[k])
+    sweep_key = key[len("sweep."):] if key.startswith("sweep.") else None
+    if sweep_key and "sweep" in origin:
+        return str(origin["sweep"])
+    return str(path)
+
+
+def project_root(start: Path) -> Path:
+    """The nearest folder above ``start`` holding pyproject.toml or .git (else ``start``)."""
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").exists() or (folder / ".git").exists():
+            return folder
+    return start
+
+
+def _file_problems(spec: JobSpec, path: Path) -> Iterator[Problem]:
+    for key in ("data.train", "data.eval"):
+        value = getattr(spec.data, key.split(".")[1])
+        if value and value != "_missing_" and not value.startswith("hf://") and not glob.glob(value):
+            yield key, f"no file matches '{value}'; check the path (relative paths are relative to the spec file)"
+    if spec.eval.prompts and not Path(spec.eval.prompts).is_file():
+        yield "eval.prompts", f"file '{spec.eval.prompts}' not found"
+    name = spec.model.name
+    if (name.startswith(("/", ".")) or name.endswith(".gguf")) and not Path(name).exists():
+        yield "model.name", f"local model '{name}' not found"
+    out = spec.output.dir
+    if not _is_uri(out):
+        root = project_root(path.resolve().parent)
+        declared = _declared_output(path)
+        if declared is not None and not Path(declared).is_absolute() and not Path(out).resolve().is_relative_to(root):
+            yield "output.dir", f"'{declared}' climbs out of the project ({root}); use a path inside it, an absolute path or a storage URI"
+
+
+def _declared_output(path: Path) -> Optional[str]:
+    """The output.dir as written in the spec chain (to tell relative from absolute)."""
+    for file in _chain_files(path):
+        raw = _read_yaml(file)
+        value = raw.get("output", {}).get("dir") if isinstance(raw.get("output"), dict) else None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _chain_files(path: Path) -> List[Path]:
+    files, current = [], path.resolve()
+    while current is not None and current.is_file() and current not in files:
+        files.append(current)
+        base = _read_yaml(current).get("base")
+        current = (current.parent / base).resolve() if isinstance(base, str) else None
+    return files
+
+
+def _sweep_problems(spec: JobSpec, sweep_raw: Dict[str, Any]) -> Iterator[Problem]:
+    leaves = leaf_paths()
+    for key, values in spec.sweep.items():
+        where = f"sweep.{key}"
+        if key not in leaves or key.split(".")[0] in ("name", "base", "sweep", "output"):
+            close = difflib.get_close_matches(key, list(leaves), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            yield where, f"'{key}' is not a spec path that can be swept{hint}"
+            continue
+        if not isinstance(sweep_raw.get(key), list):
+            yield where, "must be a list of values"
+            continue
+        if not values:
+            yield where, "must list at least one value"
+            continue
+        for i, value in enumerate(values):
+            cfg = OmegaConf.structured(spec)
+            try:
+                OmegaConf.update(cfg, key, value, merge=False)
+            except OmegaConfBaseException as e:
+                yield f"{where}[{i}]", _omegaconf_message(e, value)
+                continue
+            trial = OmegaConf.to_object(cfg)
+            for path, message in trial.problems():
+                if path == key:
+                    yield f"{where}[{i}]", message
+        if len(set(map(str, values))) != len(values):
+            yield where, "lists a value twice"
+
+
+def to_yaml(spec: JobSpec) -> str:
+    """The resolved spec as YAML (what is saved with every trial)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(spec))
+
+
+def with_values(spec: JobSpec, values: Dict[str, Any]) -> JobSpec:
+    """A copy of ``spec`` with dotted paths set (used for sweep trials); no sweep left in it."""
+    cfg = OmegaConf.structured(spec)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.sweep = {}
+    return OmegaConf.to_object(cfg)
+
+
+def reference_markdown() -> str:
+    """The spec reference table, generated from the schema (kept in README.md)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for path, f in leaf_paths().items():
+        if f.default is not dataclasses.MISSING:
+            default = "required" if f.default == MISSING else repr(f.default) if f.default is not None else "null"
+        else:
+            default = repr(f.default_factory())
+        lines.append(f"| `{path}` | {default} | {f.metadata.get('help', '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
