@@ -434,6 +434,15 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path) -> JobS
     problems: List[Problem] = list(_unknown_keys(raw, JobSpec, ""))
     if isinstance(raw.get("lora"), dict) and isinstance(raw["lora"].get("target_modules"), str):
         raw["lora"]["target_modules"] = [raw["lora"]["target_modules"]]
+    sweep = raw.get("sweep")
+    if sweep is not None and not isinstance(sweep, dict):
+        problems.append(("sweep", "must be a mapping of spec path -> list of values"))
+        raw = {k: v for k, v in raw.items() if k != "sweep"}
+    elif sweep:
+        for key, values in sweep.items():
+            if not isinstance(values, list):
+                problems.append((f"sweep.{key}", f"must be a list of values, e.g. [{values}]"))
+        raw = {**raw, "sweep": {k: v for k, v in sweep.items() if isinstance(v, list)}}
     cfg = OmegaConf.structured(JobSpec)
     bad_paths = {p for p, _ in problems}
     for key, value in _flatten(raw).items():
@@ -453,7 +462,7 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path) -> JobS
         OmegaConf.update(cfg, key, "_missing_", merge=False)
     spec = OmegaConf.to_object(cfg)
     reported = {key for key, _ in problems}
-    later = [*spec.problems(), *_file_problems(spec, path), *_sweep_problems(spec, raw.get("sweep") or {})]
+    later = [*spec.problems(), *_file_problems(spec, path), *_sweep_problems(spec)]
     problems.extend((key, msg) for key, msg in later
                     if key not in reported and not any(key.startswith(r + ".") for r in reported))
     if problems:
@@ -463,6 +472,8 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path) -> JobS
 
 def _omegaconf_message(e: OmegaConfBaseException, value: Any) -> str:
     first = str(e).splitlines()[0]
+    if "is not Optional" in first:
+        return "must not be null; give a value or remove the key to use the default"
     if "could not be converted" in first or "Invalid value assigned" in first or "Value '" in first:
         return f"wrong type: {first}"
     return first
@@ -523,7 +534,7 @@ def _chain_files(path: Path) -> List[Path]:
     return files
 
 
-def _sweep_problems(spec: JobSpec, sweep_raw: Dict[str, Any]) -> Iterator[Problem]:
+def _sweep_problems(spec: JobSpec) -> Iterator[Problem]:
     leaves = leaf_paths()
     for key, values in spec.sweep.items():
         where = f"sweep.{key}"
@@ -531,9 +542,6 @@ def _sweep_problems(spec: JobSpec, sweep_raw: Dict[str, Any]) -> Iterator[Proble
             close = difflib.get_close_matches(key, list(leaves), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             yield where, f"'{key}' is not a spec path that can be swept{hint}"
-            continue
-        if not isinstance(sweep_raw.get(key), list):
-            yield where, "must be a list of values"
             continue
         if not values:
             yield where, "must list at least one value"
