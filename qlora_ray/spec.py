@@ -426,10 +426,11 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
             value = _anchor_paths({key.split(".")[0]: {key.split(".")[1]: value}}, cwd)[key.split(".")[0]][key.split(".")[1]]
         _set_path(raw, key, value)
         origin[key] = Path("command line")
-    return build_spec(raw, origin, path)
+    return build_spec(raw, origin, path, declared_output=_declared_output(path, overrides or []))
 
 
-def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path) -> JobSpec:
+def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path,
+               declared_output: Optional[str] = None) -> JobSpec:
     """Check a merged raw tree against the schema; return a typed JobSpec or raise SpecError."""
     problems: List[Problem] = list(_unknown_keys(raw, JobSpec, ""))
     if isinstance(raw.get("lora"), dict) and isinstance(raw["lora"].get("target_modules"), str):
@@ -462,7 +463,7 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path) -> JobS
         OmegaConf.update(cfg, key, "_missing_", merge=False)
     spec = OmegaConf.to_object(cfg)
     reported = {key for key, _ in problems}
-    later = [*spec.problems(), *_file_problems(spec, path), *_sweep_problems(spec)]
+    later = [*spec.problems(), *_file_problems(spec, path, declared_output), *_sweep_problems(spec)]
     problems.extend((key, msg) for key, msg in later
                     if key not in reported and not any(key.startswith(r + ".") for r in reported))
     if problems:
@@ -497,7 +498,7 @@ def project_root(start: Path) -> Path:
     return start
 
 
-def _file_problems(spec: JobSpec, path: Path) -> Iterator[Problem]:
+def _file_problems(spec: JobSpec, path: Path, declared: Optional[str]) -> Iterator[Problem]:
     for key in ("data.train", "data.eval"):
         value = getattr(spec.data, key.split(".")[1])
         if value and value != "_missing_" and not value.startswith("hf://") and not glob.glob(value):
@@ -510,13 +511,15 @@ def _file_problems(spec: JobSpec, path: Path) -> Iterator[Problem]:
     out = spec.output.dir
     if not _is_uri(out):
         root = project_root(path.resolve().parent)
-        declared = _declared_output(path)
         if declared is not None and not Path(declared).is_absolute() and not Path(out).resolve().is_relative_to(root):
             yield "output.dir", f"'{declared}' climbs out of the project ({root}); use a path inside it, an absolute path or a storage URI"
 
 
-def _declared_output(path: Path) -> Optional[str]:
-    """The output.dir as written in the spec chain (to tell relative from absolute)."""
+def _declared_output(path: Path, overrides: List[str]) -> Optional[str]:
+    """The output.dir as written (command line first, then the spec chain), to tell relative from absolute."""
+    given = parse_overrides(overrides).get("output.dir")
+    if isinstance(given, str):
+        return given
     for file in _chain_files(path):
         raw = _read_yaml(file)
         value = raw.get("output", {}).get("dir") if isinstance(raw.get("output"), dict) else None

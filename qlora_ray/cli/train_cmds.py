@@ -1,0 +1,327 @@
+"""``qlora-ray train | eval | chat | merge``: one trial without Ray, and what to do with its adapter.
+
+torch and transformers are imported inside the verbs: they take seconds, and other verbs
+(validate, results) never need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from qlora_ray.cli.app import app, console, err_console, user_errors
+from qlora_ray.cli.spec_cmds import split_args
+from qlora_ray.errors import UserError
+from qlora_ray.spec import DATA_FORMATS, URI_SCHEMES, DataSpec, QuantizationSpec, load_spec
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages only: no per-file loading bars or deprecation notes."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    for module in ("transformers", "peft", "bitsandbytes", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
+@app.command()
+@user_errors
+def train(
+    args: List[str] = typer.Argument(..., metavar="SPEC [KEY=VALUE...]",
+                                     help="The job spec, then dotted overrides (train.max_steps=20)."),
+    trial: Optional[str] = typer.Option(None, "--trial", help="Which trial of a sweep to train (its id, "
+                                        "as `qlora-ray validate` lists them). Default: the first."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0 even if the trial folder has "
+                               "checkpoints (they are replaced as training proceeds)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train one trial in this process (no Ray) into <output.dir>/<name>/<trial id>/.
+
+    Re-running the same command resumes from the trial's last checkpoint.
+
+    Examples:
+      qlora-ray train jobs/hinglish_smoke.yaml
+      qlora-ray train jobs/hinglish_sweep.yaml --trial hinglish_sweep-r8_lr1e-4 train.max_steps=20
+    """
+    specs, overrides = split_args(args)
+    if len(specs) != 1:
+        raise UserError(f"train takes one spec file, got {len(specs)}: {', '.join(map(str, specs))}")
+    spec = load_spec(specs[0], overrides)
+    if spec.output.dir.startswith(URI_SCHEMES):
+        raise UserError(f"output.dir: '{spec.output.dir}' is a storage URI; `qlora-ray train` writes a local "
+                        "folder (override output.dir=runs), or run the spec with `qlora-ray submit`")
+    from qlora_ray.plan import expand
+
+    trials = expand(spec)
+    chosen = trials[0]
+    if trial is not None:
+        by_id = {t.id: t for t in trials}
+        if trial not in by_id:
+            raise UserError(f"--trial: no trial '{trial}' in {specs[0]}; its trials: {', '.join(by_id)}")
+        chosen = by_id[trial]
+    elif len(trials) > 1:
+        console.print(f"{specs[0]} sweeps {len(trials)} trials; training the first ({chosen.id}). "
+                      "Pick another with --trial, or run them all with `qlora-ray submit`.", highlight=False)
+
+    from qlora_ray import train as training
+    from qlora_ray.model import resolve_source
+
+    _quiet_libraries()
+    with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
+        resolve_source(spec.model, spec.data.cache_dir)
+    trial_dir = Path(spec.experiment_dir) / chosen.id
+    resume = None if fresh else training.latest_checkpoint(trial_dir)
+    if resume is not None:
+        console.print(f"resuming from {resume}", highlight=False)
+    console.print(f"trial {chosen.id} -> {trial_dir}", highlight=False)
+    run = training.RunContext(trial_dir=str(trial_dir), resume_from=str(resume) if resume else None,
+                              progress=not quiet)
+    try:
+        result = training.fit(chosen.spec, lambda metrics, checkpoint: None, run)
+    except training.NonFiniteLossError as e:
+        raise UserError(f"trial {chosen.id}: {e}") from None
+    console.print(_result_table(chosen.id, result))
+    console.print(f"adapter: {result.adapter_dir}", highlight=False)
+    if result.samples_file:
+        console.print(f"samples: {result.samples_file}", highlight=False)
+
+
+def _result_table(trial_id: str, result) -> Table:
+    table = Table(title=f"{trial_id}: done")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("steps", f"{result.step}"),
+            ("train loss", _fmt(result.train_loss, "{:.4f}")),
+            ("base eval ppl", _fmt(result.base_ppl, "{:.2f}")),
+            ("tuned eval ppl", _fmt(result.eval_ppl, "{:.2f}")),
+            ("ppl change", _fmt(result.ppl_change, "{:+.1%}")),
+            ("eval target tokens", f"{result.eval_tokens:,}"),
+            ("tokens/s", f"{result.tokens_per_s:,.0f}"),
+            ("peak memory GiB", f"{result.peak_mem_gb:.2f}"),
+            ("train s", f"{result.train_s:.0f}"),
+            ("wall s", f"{result.wall_s:.0f}")]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+# ---------------------------------------------------------------- eval
+
+def _eval_data(spec, data_file: str, fmt: str, max_examples: Optional[int],
+               max_seq_len: Optional[int]) -> DataSpec:
+    """A DataSpec reading ``data_file`` as the eval split, with the adapter's tokenization settings."""
+    if fmt not in DATA_FORMATS:
+        raise UserError(f"--format: '{fmt}' is not one of {', '.join(DATA_FORMATS)}")
+    if not data_file.startswith("hf://"):
+        data_file = os.path.abspath(os.path.expanduser(data_file))
+    return DataSpec(train=data_file, eval=data_file, format=fmt, packing=False,
+                    max_seq_len=max_seq_len or spec.data.max_seq_len,
+                    chat_template=spec.data.chat_template, train_on_prompt=spec.data.train_on_prompt,
+                    max_train_examples=1, max_eval_examples=max_examples, seed=spec.data.seed,
+                    cache_dir=spec.data.cache_dir)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN",
+                                  help="An adapter folder, a trial folder, or an experiment folder (its best trial)."),
+    data_file: str = typer.Option(..., "--data", help="Data to measure on: a .jsonl/.json/.csv/.parquet "
+                                  "file or glob, or hf://org/name[:split], in any supported format."),
+    fmt: str = typer.Option("auto", "--format", help="Row format: auto, messages, alpaca, prompt_response, text."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most this many examples."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
+
+    Examples:
+      qlora-ray eval runs/hinglish_smoke/hinglish_smoke --data data/hinglish/eval.jsonl
+      qlora-ray eval runs/hinglish_smoke --data ../shared/data/hinglish-real/hinglish_real.jsonl
+    """
+    from qlora_ray import data
+    from qlora_ray.evaluate import perplexity
+    from qlora_ray.model import adapter_spec, find_adapter, load_adapter
+
+    _quiet_libraries()
+    adapter_dir = find_adapter(target)
+    dspec = _eval_data(adapter_spec(adapter_dir), data_file, fmt, max_examples, max_seq_len)
+    with err_console.status("loading the adapter and its base model..."):
+        model, tokenizer, spec = load_adapter(adapter_dir)
+        prepared = data.prepare(dspec, tokenizer)
+    batches = data.eval_batches(prepared, batch_size)
+    with err_console.status(f"measuring {prepared.eval_stats.examples} examples..."):
+        tuned, tokens = perplexity(model, batches)
+        with model.disable_adapter():
+            base, _ = perplexity(model, batches)
+    out = {"adapter": str(adapter_dir), "data": dspec.eval, "examples": prepared.eval_stats.examples,
+           "skipped": sum(prepared.eval_stats.skipped.values()), "target_tokens": tokens,
+           "base_ppl": base, "tuned_ppl": tuned, "ppl_change": tuned / base - 1.0}
+    if as_json:
+        console.print_json(json.dumps(out))
+        return
+    table = Table(title=f"perplexity on {data_file}")
+    table.add_column("model")
+    table.add_column("ppl", justify="right")
+    table.add_row(f"base ({spec.model.name}, {spec.quantization.mode})", f"{base:.3f}")
+    table.add_row(f"tuned ({adapter_dir})", f"{tuned:.3f}")
+    console.print(table)
+    console.print(f"change {out['ppl_change']:+.1%} over {tokens:,} target tokens in {out['examples']} examples"
+                  + (f" ({out['skipped']} rows skipped)" if out["skipped"] else ""), highlight=False)
+
+
+# ---------------------------------------------------------------- chat
+
+@app.command()
+@user_errors
+def chat(
+    target: Path = typer.Argument(..., metavar="ADAPTER", help="An adapter, trial or experiment folder."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (greedy)."),
+    base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
+) -> None:
+    """Talk to a tuned model: a REPL (/reset clears the history, /quit or Ctrl-D leaves), or --prompt once.
+
+    Examples:
+      qlora-ray chat runs/hinglish_smoke/hinglish_smoke
+      qlora-ray chat runs/hinglish_smoke/hinglish_smoke -p "Weekend pe kya karein?"
+    """
+    import contextlib
+
+    from qlora_ray.evaluate import chat_reply
+    from qlora_ray.model import find_adapter, load_adapter
+
+    _quiet_libraries()
+    adapter_dir = find_adapter(target)
+    with err_console.status("loading the adapter and its base model..."):
+        model, tokenizer, _ = load_adapter(adapter_dir)
+    opening = [{"role": "system", "content": system}] if system else []
+
+    def answer(messages: list) -> str:
+        with model.disable_adapter() if base else contextlib.nullcontext():
+            return chat_reply(model, tokenizer, messages, max_new_tokens)
+
+    if prompt is not None:
+        console.print(answer(opening + [{"role": "user", "content": prompt}]), markup=False, highlight=False)
+        return
+    err_console.print(f"chatting with {adapter_dir}{' (base model)' if base else ''}; /reset, /quit", highlight=False)
+    history = list(opening)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            err_console.print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history = list(opening)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = answer(history)
+        history.append({"role": "assistant", "content": reply})
+        console.print(f"bot> {reply}", markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------- merge
+
+@app.command()
+@user_errors
+def merge(
+    target: Path = typer.Argument(..., metavar="ADAPTER", help="An adapter, trial or experiment folder."),
+    out: Path = typer.Argument(..., metavar="OUT", help="New folder for the merged model (safetensors)."),
+    tolerance: float = typer.Option(0.02, "--tolerance", help="Largest accepted relative drift of the "
+                                    "merged model's eval perplexity from the adapter's (0.02 = 2%)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Weights of the merged model: bf16 or fp16."),
+    data_file: Optional[str] = typer.Option(None, "--data", help="Data for the drift check "
+                                            "(default: the adapter's eval set)."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Check on at most this many examples."),
+) -> None:
+    """Merge an adapter into its 16-bit base model and save it, if its perplexity holds.
+
+    The adapter was trained against the quantized base; merged into the 16-bit weights it
+    corrects a slightly different model. The merge is refused (nothing written) when the
+    merged model's eval perplexity drifts from the adapter's by more than --tolerance.
+
+    Example:
+      qlora-ray merge runs/hinglish_smoke/hinglish_smoke merged/hinglish-smollm2
+    """
+    from peft import PeftModel
+
+    from qlora_ray import data
+    from qlora_ray.evaluate import perplexity
+    from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, pick_device
+
+    _quiet_libraries()
+    if dtype not in ("bf16", "fp16"):
+        raise UserError(f"--dtype: '{dtype}' is not bf16 or fp16")
+    if tolerance < 0:
+        raise UserError(f"--tolerance: must be >= 0, got {tolerance}")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"OUT: '{out}' already exists; give a new folder")
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir)
+    if data_file is not None:
+        dspec = _eval_data(spec, data_file, "auto", max_examples, None)
+    else:
+        dspec = dataclasses.replace(spec.data, max_eval_examples=max_examples or spec.data.max_eval_examples)
+    device = pick_device(None)
+
+    with err_console.status("measuring the adapter on its quantized base..."):
+        model, tokenizer, _ = load_adapter(adapter_dir, device=device)
+        try:
+            prepared = data.prepare(dspec, tokenizer)
+        except UserError as e:
+            raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
+        batches = data.eval_batches(prepared, spec.eval.batch_size)
+        adapter_ppl, tokens = perplexity(model, batches)
+        del model
+    with err_console.status(f"merging into the {dtype} base and measuring it..."):
+        spec.quantization = QuantizationSpec(mode="none", double_quant=False, compute_dtype=dtype)
+        base, _ = load_base(spec, device=device)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged_ppl, _ = perplexity(merged, batches)
+    drift = merged_ppl / adapter_ppl - 1.0
+    console.print(f"eval perplexity over {tokens:,} target tokens: adapter (on {adapter_spec(adapter_dir).quantization.mode} "
+                  f"base) {adapter_ppl:.4f}, merged ({dtype}) {merged_ppl:.4f}, drift {drift:+.2%}", highlight=False)
+    if not abs(drift) <= tolerance:
+        raise UserError(
+            f"refusing to merge: the merged model's eval perplexity {merged_ppl:.4f} drifts {drift:+.2%} from "
+            f"the adapter's {adapter_ppl:.4f} (--tolerance {tolerance:.2%}); nothing written. The adapter "
+            "learned to correct the quantized base, not the 16-bit one. Serve the adapter on the quantized "
+            "base, or pass a larger --tolerance if this drift is acceptable.")
+    merged.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "merge_check.json").write_text(json.dumps(
+            {"adapter": str(adapter_dir), "dtype": dtype, "adapter_ppl": adapter_ppl, "merged_ppl": merged_ppl,
+             "drift": drift, "tolerance": tolerance, "target_tokens": tokens}, indent=1), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(f"[green]merged[/]: {out}", highlight=False)

@@ -1,0 +1,437 @@
+"""Results: one leaderboard from the per-trial files of an experiment folder.
+
+Pure file work (no torch, no ray), so it runs on a laptop against a finished sweep, or against
+one still running: everything is read from what each trial has written so far.
+
+An experiment folder ``<output.dir>/<name>/`` holds:
+
+- ``experiment.json``: the plan (trial ids and swept values), written at submit time, so trials
+  that have not started yet still get a row;
+- ``baseline.json``: the base model's perplexity on the eval set (computed once);
+- one folder per trial, named by its id, with ``status.json`` (state, failure reason, final
+  metrics, the runtime's wall time), ``metrics.jsonl`` (one row per report: step, loss, ...),
+  ``resolved_spec.yaml``, ``samples.md`` and ``adapter/`` (written by the training code).
+
+:func:`write_leaderboard` adds ``leaderboard.{csv,json,md,png}`` and ``best -> <trial>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+EXPERIMENT_FILE = "experiment.json"
+BASELINE_FILE = "baseline.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_LINK = "best"
+LEADERBOARD = "leaderboard"
+
+# States a trial moves through; the order is also the leaderboard's order after the ranking.
+PENDING, RUNNING, FINISHED, FAILED, STOPPED = "pending", "running", "finished", "failed", "stopped"
+_STATE_ORDER = {FINISHED: 0, RUNNING: 1, STOPPED: 2, PENDING: 3, FAILED: 4}
+# Folders in an experiment that are never trials.
+_NOT_TRIALS = {"_ray", BEST_LINK}
+
+
+@dataclass
+class TrialRow:
+    """One trial's line in the leaderboard (all metrics optional: a running trial has few)."""
+
+    trial_id: str
+    values: Dict[str, Any]
+    status: str
+    reason: Optional[str] = None
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    base_ppl: Optional[float] = None
+    eval_ppl: Optional[float] = None
+    ppl_change: Optional[float] = None
+    train_loss: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    peak_mem_gb: Optional[float] = None
+    train_wall_s: Optional[float] = None
+    trial_wall_s: Optional[float] = None
+    attempts: Optional[int] = None
+    dir: Optional[str] = None
+    losses: List[tuple] = field(default_factory=list, repr=False)
+
+    @property
+    def overhead_s(self) -> Optional[float]:
+        """Time the trial spent outside the training function (Ray start-up, restarts, sync)."""
+        if self.trial_wall_s is None or self.train_wall_s is None:
+            return None
+        return self.trial_wall_s - self.train_wall_s
+
+
+@dataclass
+class Leaderboard:
+    name: str
+    sweep_keys: List[str]
+    rows: List[TrialRow]
+    base_ppl: Optional[float] = None
+
+    @property
+    def best(self) -> Optional[TrialRow]:
+        """The finished trial with the lowest eval perplexity."""
+        done = [r for r in self.rows if r.status == FINISHED and _num(r.eval_ppl)]
+        return min(done, key=lambda r: r.eval_ppl) if done else None
+
+    @property
+    def failed(self) -> List[TrialRow]:
+        return [r for r in self.rows if r.status == FAILED]
+
+    def counts(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for row in self.rows:
+            out[row.status] = out.get(row.status, 0) + 1
+        return out
+
+
+# ---------------------------------------------------------------- reading
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """A JSON object from ``path``, or None when it is missing or half-written."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    """Write atomically (a reader of a running sweep never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """Rows of a ``metrics.jsonl``; a torn last line (trial writing right now) is skipped."""
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _first(rows: Iterable[Dict[str, Any]], *keys: str) -> Optional[Any]:
+    """The latest value of the first key present in any row (rows oldest first)."""
+    for row in reversed(list(rows)):
+        for key in keys:
+            if key in row and row[key] is not None:
+                return row[key]
+    return None
+
+
+def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRow:
+    """A leaderboard row from one trial folder (whatever it holds so far)."""
+    status = read_json(folder / STATUS_FILE) or {}
+    metrics = read_metrics(folder / METRICS_FILE)
+    final = status.get("result") or {}
+    if not final:
+        done = [m for m in metrics if m.get("done")]
+        final = done[-1] if done else {}
+    state = status.get("status") or (FINISHED if final else RUNNING if metrics else PENDING)
+    if state == RUNNING and final.get("done"):
+        state = FINISHED  # the final report landed; the runtime has not stamped it yet
+    rows = metrics + ([final] if final else [])
+    losses = [(m["step"], m["loss"]) for m in metrics
+              if _num(m.get("step")) and _num(m.get("loss")) and not m.get("done")]
+    return TrialRow(
+        trial_id=status.get("trial_id") or folder.name,
+        values=status.get("values") or values or {},
+        status=state,
+        reason=status.get("reason"),
+        step=_first(rows, "step"),
+        total_steps=_first(rows, "total_steps", "max_steps") or status.get("total_steps"),
+        base_ppl=_first([final], "base_ppl"),
+        eval_ppl=_first([final], "eval_ppl"),
+        ppl_change=_first([final], "ppl_change"),
+        train_loss=_first([final], "train_loss") if final else _first(metrics, "loss"),
+        tokens_per_s=_first(rows, "tokens_per_s"),
+        peak_mem_gb=_first(rows, "peak_mem_gb"),
+        train_wall_s=_first([final], "wall_s"),
+        trial_wall_s=status.get("trial_wall_s"),
+        attempts=status.get("attempts"),
+        dir=str(folder),
+        losses=losses,
+    )
+
+
+def _is_trial_dir(path: Path) -> bool:
+    return (path.is_dir() and not path.is_symlink() and path.name not in _NOT_TRIALS
+            and not path.name.startswith(".")
+            and any((path / f).exists() for f in (STATUS_FILE, METRICS_FILE, "resolved_spec.yaml")))
+
+
+def read_leaderboard(exp_dir: str | os.PathLike) -> Leaderboard:
+    """Every trial of the plan (pending ones too) plus any other trial folder found, ranked."""
+    exp = Path(exp_dir)
+    if not exp.is_dir():
+        raise FileNotFoundError(f"no experiment folder at {exp}")
+    plan = read_json(exp / EXPERIMENT_FILE) or {}
+    planned = {t["id"]: t.get("values", {}) for t in plan.get("trials", []) if isinstance(t, dict) and "id" in t}
+    rows = {tid: read_trial(exp / tid, values) for tid, values in planned.items()}
+    for folder in sorted(exp.iterdir()):
+        if folder.name not in rows and _is_trial_dir(folder):
+            rows[folder.name] = read_trial(folder)
+    keys = list(plan.get("sweep_keys") or [])
+    for row in rows.values():
+        keys += [k for k in row.values if k not in keys]
+    baseline = read_json(exp / BASELINE_FILE) or {}
+    base = baseline.get("perplexity")
+    if not _num(base):
+        base = next((r.base_ppl for r in rows.values() if _num(r.base_ppl)), None)
+    for row in rows.values():
+        if row.base_ppl is None and _num(base):
+            row.base_ppl = base
+    ranked = sorted(rows.values(), key=_rank_key)
+    return Leaderboard(name=plan.get("name") or exp.name, sweep_keys=keys, rows=ranked,
+                       base_ppl=base if _num(base) else None)
+
+
+def _rank_key(row: TrialRow) -> tuple:
+    ppl = row.eval_ppl if _num(row.eval_ppl) else math.inf
+    return (_STATE_ORDER.get(row.status, 5), ppl, -(row.step or 0), row.trial_id)
+
+
+# ---------------------------------------------------------------- formatting
+
+COLUMNS = [  # (key, header, format)
+    ("base_ppl", "base ppl", "{:.2f}"),
+    ("eval_ppl", "eval ppl", "{:.2f}"),
+    ("ppl_change", "change", "{:+.1%}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("peak_mem_gb", "peak GiB", "{:.2f}"),
+    ("trial_wall_s", "wall s", "{:.0f}"),
+]
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _fmt(value: Any, spec: str = "{}") -> str:
+    if value is None:
+        return ""
+    if _num(value):
+        try:
+            return spec.format(value)
+        except (ValueError, TypeError):
+            return str(value)
+    return str(value)
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def progress(row: TrialRow) -> str:
+    """``12/60`` style step counter (empty before the first report)."""
+    if row.step is None:
+        return ""
+    return f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
+
+
+def table_rows(board: Leaderboard) -> tuple[List[str], List[List[str]]]:
+    """Headers and formatted cells, shared by the markdown file and the terminal table."""
+    headers = ["#", "trial", *(_short(k) for k in board.sweep_keys), *(h for _, h, _ in COLUMNS),
+               "status", "step"]
+    out = []
+    for i, row in enumerate(board.rows, 1):
+        status = row.status if not row.reason else f"{row.status}: {row.reason}"
+        out.append([str(i), row.trial_id, *(_fmt_value(row.values.get(k, "")) for k in board.sweep_keys),
+                    *(_fmt(getattr(row, key), spec) for key, _, spec in COLUMNS), status, progress(row)])
+    return headers, out
+
+
+def to_records(board: Leaderboard) -> List[Dict[str, Any]]:
+    """One flat dict per trial (the CSV and JSON rows)."""
+    records = []
+    for i, row in enumerate(board.rows, 1):
+        data = asdict(row)
+        data.pop("losses")
+        data.pop("values")
+        rec = {"place": i, "trial_id": row.trial_id,
+               **{k: row.values.get(k) for k in board.sweep_keys}}
+        rec.update({k: v for k, v in data.items() if k != "trial_id"})
+        rec["overhead_s"] = row.overhead_s
+        records.append(rec)
+    return records
+
+
+def to_markdown(board: Leaderboard) -> str:
+    headers, rows = table_rows(board)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(board.counts().items(), key=lambda kv: _STATE_ORDER.get(kv[0], 5)))
+
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"# {board.name}: {len(board.rows)} trials ({counts})", ""]
+    if board.base_ppl is not None:
+        lines += [f"Base model eval perplexity: {board.base_ppl:.2f}", ""]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    best = board.best
+    if best is not None:
+        lines += ["", f"Best: `{best.trial_id}` (eval ppl {best.eval_ppl:.2f}); adapter in `{BEST_LINK}/adapter/`."]
+    if board.failed:
+        lines += ["", "## Failed trials", ""]
+        lines += [f"- `{r.trial_id}`: {r.reason or 'no reason recorded'}" for r in board.failed]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(board: Leaderboard) -> str:
+    records = to_records(board)
+    buf = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    return buf.getvalue()
+
+
+def to_json(board: Leaderboard) -> Dict[str, Any]:
+    best = board.best
+    return {"name": board.name, "sweep_keys": board.sweep_keys, "base_ppl": board.base_ppl,
+            "best": best.trial_id if best else None, "counts": board.counts(),
+            "trials": to_records(board)}
+
+
+# ---------------------------------------------------------------- the plot
+
+def plot(board: Leaderboard, path: Path) -> Path:
+    """Eval perplexity over the sweep (heatmap for two swept keys, lines otherwise) and the
+    training-loss curves of every trial, side by side."""
+    # The object-oriented API with the Agg canvas: no pyplot, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_ppl, ax_loss = fig.subplots(1, 2)
+    _plot_ppl(board, ax_ppl)
+    for row in board.rows:
+        if row.losses:
+            steps, losses = zip(*row.losses)
+            ax_loss.plot(steps, losses, label=_label(board, row), linewidth=1.2)
+    ax_loss.set_title("training loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    if any(r.losses for r in board.rows):
+        ax_loss.legend(fontsize=7, loc="upper right")
+    else:
+        ax_loss.text(0.5, 0.5, "no loss reported yet", ha="center", va="center", transform=ax_loss.transAxes)
+    fig.suptitle(f"{board.name}: eval perplexity" + (f" (base {board.base_ppl:.2f})" if board.base_ppl else ""))
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _label(board: Leaderboard, row: TrialRow) -> str:
+    if not board.sweep_keys:
+        return row.trial_id
+    return " ".join(f"{_short(k)}={_fmt_value(row.values.get(k))}" for k in board.sweep_keys)
+
+
+def _plot_ppl(board: Leaderboard, ax) -> None:
+    done = [r for r in board.rows if _num(r.eval_ppl)]
+    keys = board.sweep_keys
+    ax.set_title("eval perplexity (lower is better)")
+    if not done:
+        ax.text(0.5, 0.5, "no trial has finished yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    if len(keys) == 2:
+        xs = sorted({r.values.get(keys[1]) for r in board.rows}, key=_sort_value)
+        ys = sorted({r.values.get(keys[0]) for r in board.rows}, key=_sort_value)
+        grid = [[math.nan] * len(xs) for _ in ys]
+        for r in done:
+            grid[ys.index(r.values.get(keys[0]))][xs.index(r.values.get(keys[1]))] = r.eval_ppl
+        image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+        ax.figure.colorbar(image, ax=ax, label="eval perplexity")
+        ax.set_xticks(range(len(xs)), [_fmt_value(x) for x in xs])
+        ax.set_yticks(range(len(ys)), [_fmt_value(y) for y in ys])
+        ax.set_xlabel(keys[1])
+        ax.set_ylabel(keys[0])
+        finite = [v for line in grid for v in line if not math.isnan(v)]
+        middle = (min(finite) + max(finite)) / 2
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                text = "—" if math.isnan(value) else f"{value:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="black" if math.isnan(value) or value < middle else "white")
+        return
+    if keys:
+        # x: the first swept key; one line per combination of the others.
+        groups: Dict[str, List[TrialRow]] = {}
+        for r in done:
+            name = " ".join(f"{_short(k)}={_fmt_value(r.values.get(k))}" for k in keys[1:]) or "eval"
+            groups.setdefault(name, []).append(r)
+        xs = sorted({r.values.get(keys[0]) for r in done}, key=_sort_value)
+        for name, rows in groups.items():
+            rows.sort(key=lambda r: _sort_value(r.values.get(keys[0])))
+            ax.plot([xs.index(r.values.get(keys[0])) for r in rows], [r.eval_ppl for r in rows],
+                    marker="o", label=name)
+        ax.set_xticks(range(len(xs)), [_fmt_value(x) for x in xs])
+        ax.set_xlabel(keys[0])
+        ax.legend(fontsize=7)
+    else:
+        ax.bar([r.trial_id for r in done], [r.eval_ppl for r in done])
+    if board.base_ppl is not None:
+        ax.axhline(board.base_ppl, color="grey", linestyle="--", linewidth=1, label="base")
+    ax.set_ylabel("eval perplexity")
+
+
+def _sort_value(value: Any) -> tuple:
+    return (0, value, "") if _num(value) else (1, 0, str(value))
+
+
+# ---------------------------------------------------------------- writing
+
+def write_leaderboard(exp_dir: str | os.PathLike, with_plot: bool = True) -> Leaderboard:
+    """Write ``leaderboard.{csv,json,md}`` (and ``.png``) and point ``best`` at the best trial."""
+    exp = Path(exp_dir)
+    board = read_leaderboard(exp)
+    (exp / f"{LEADERBOARD}.md").write_text(to_markdown(board), encoding="utf-8")
+    (exp / f"{LEADERBOARD}.csv").write_text(to_csv(board), encoding="utf-8")
+    write_json(exp / f"{LEADERBOARD}.json", to_json(board))
+    if with_plot:
+        plot(board, exp / f"{LEADERBOARD}.png")
+    link_best(exp, board)
+    return board
+
+
+def link_best(exp: Path, board: Leaderboard) -> Optional[Path]:
+    """``best -> <trial id>`` (relative, so the folder can move); removed when nothing finished."""
+    link = exp / BEST_LINK
+    best = board.best
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        return None  # a real file or folder by that name is the user's; leave it alone
+    if best is None:
+        return None
+    link.symlink_to(best.trial_id, target_is_directory=True)
+    return link

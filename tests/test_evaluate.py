@@ -1,0 +1,185 @@
+"""Perplexity (token-weighted, the same tokens for every model), sample replies, samples.md,
+the Baseline record, and the eval / chat / merge commands."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from qlora_ray import data, evaluate
+from qlora_ray.cli import app
+from qlora_ray.model import load_base
+from qlora_ray.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """The tiny model unquantized (fp32), its tokenizer, prepared data and the spec."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    path = folder / "tiny.yaml"
+    path.write_text(f"""\
+name: tiny
+model: {{name: {tiny_model_dir}}}
+data: {{train: {tiny_data_dir}/train.jsonl, eval: {tiny_data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
+quantization: {{mode: none, compute_dtype: fp32}}
+eval: {{prompts: {tiny_data_dir}/prompts.txt, max_new_tokens: 5, max_prompts: 1}}
+resources: {{gpus_per_trial: 0}}
+output: {{dir: {folder}/runs}}
+""", encoding="utf-8")
+    spec = load_spec(path)
+    model, tokenizer = load_base(spec)
+    return model, tokenizer, data.prepare(spec.data, tokenizer), spec
+
+
+def test_perplexity_is_token_weighted(loaded):
+    model, _, prepared, _ = loaded
+    # Reference: each example on its own, summed loss over its target tokens (HF shifts labels).
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in prepared.eval:
+            ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+            logits = model(input_ids=ids).logits
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(F.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="sum"))
+            tokens += n
+    expected = math.exp(total / tokens)
+    one, n_one = evaluate.perplexity(model, data.eval_batches(prepared, 1))
+    four, n_four = evaluate.perplexity(model, data.eval_batches(prepared, 4))
+    assert n_one == n_four == tokens == prepared.eval_stats.target_tokens
+    assert one == pytest.approx(expected, rel=1e-5) and four == pytest.approx(expected, rel=1e-5)
+    # A mean of per-example means would differ: examples have different target counts.
+    per_example = []
+    for example in prepared.eval:
+        ppl, _ = evaluate.perplexity(model, data.eval_batches(
+            type(prepared)(**{**prepared.__dict__, "eval": [example]}), 1))
+        per_example.append(math.log(ppl))
+    assert math.exp(sum(per_example) / len(per_example)) != pytest.approx(expected, rel=1e-4)
+
+
+def test_perplexity_leaves_the_mode_alone(loaded):
+    model, _, prepared, _ = loaded
+    model.train()
+    evaluate.perplexity(model, data.eval_batches(prepared, 4))
+    assert model.training
+    model.eval()
+
+
+def test_generate_replies_is_greedy_and_batched(loaded):
+    model, tokenizer, _, _ = loaded
+    prompts = ["Chai kaise banate hain?", "Kal barish hogi?", "Hi"]
+    first = evaluate.generate_replies(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    again = evaluate.generate_replies(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    assert len(first) == 3 and first == again and all(isinstance(r, str) for r in first)
+    assert tokenizer.padding_side == "right"  # restored after left-padded generation
+    assert evaluate.generate_replies(model, tokenizer, [], 5) == []
+
+
+def test_baseline_round_trip_and_measure(loaded):
+    model, tokenizer, prepared, spec = loaded
+    measured = evaluate.measure(model, tokenizer, prepared, spec)
+    assert measured.prompts == ["Chai kaise banate hain?"]  # eval.max_prompts: 1
+    assert len(measured.replies) == 1 and measured.target_tokens == prepared.eval_stats.target_tokens
+    again = evaluate.Baseline.from_json(measured.to_json())
+    assert again == measured
+    assert evaluate.baseline(spec).perplexity == pytest.approx(measured.perplexity, rel=1e-6)
+
+
+def test_write_samples_side_by_side(tmp_path):
+    path = evaluate.write_samples(tmp_path / "samples.md", ["Kya haal?", "a|b"],
+                                  ["base one\nline two", "x"], ["tuned one", ""])
+    text = path.read_text()
+    assert "| # | prompt | base | tuned |" in text
+    assert "| 1 | Kya haal? | base one<br>line two | tuned one |" in text
+    assert "| 2 | a\\|b | x | (empty) |" in text
+
+
+# ---------------------------------------------------------------- eval / chat / merge commands
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """A short NF4 training run: the trial folder the commands act on."""
+    from qlora_ray import train
+
+    folder = tmp_path_factory.mktemp("commands")
+    path = folder / "tiny.yaml"
+    path.write_text(f"""\
+name: tiny
+model: {{name: {tiny_model_dir}}}
+data: {{train: {tiny_data_dir}/train.jsonl, eval: {tiny_data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
+quantization: {{mode: nf4, compute_dtype: fp32}}
+lora: {{r: 4, alpha: 8, dropout: 0.0}}
+train: {{lr: 3.0e-2, max_steps: 3, batch_size: 4, gradient_checkpointing: false}}
+eval: {{max_new_tokens: 4}}
+resources: {{gpus_per_trial: 0}}
+output: {{dir: {folder}/runs}}
+""", encoding="utf-8")
+    result = train.fit(load_spec(path), lambda m, c: None,
+                       train.RunContext(trial_dir=str(folder / "runs" / "tiny" / "tiny")))
+    return folder / "runs" / "tiny" / "tiny", result
+
+
+def test_eval_command_measures_base_and_tuned_on_the_same_tokens(trial, tiny_data_dir, tmp_path):
+    folder, result = trial
+    runner = CliRunner()
+    # Same data as the trial's eval set: the same figures as training reported.
+    out = runner.invoke(app, ["eval", str(folder), "--data", str(tiny_data_dir / "eval.jsonl"), "--json"])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.output[out.output.index("{"):])
+    assert figures["tuned_ppl"] == pytest.approx(result.eval_ppl, rel=1e-5)
+    assert figures["base_ppl"] == pytest.approx(result.base_ppl, rel=1e-5)
+    assert figures["target_tokens"] == result.eval_tokens
+    # Any supported format: plain text rows (all tokens are targets).
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Chai peelo yaar", "Kal milte hain bhai"]))
+    out = runner.invoke(app, ["eval", str(folder / "adapter"), "--data", str(text)])
+    assert out.exit_code == 0, out.output
+    assert "base" in out.output and "tuned" in out.output and "2 examples" in out.output
+
+
+def test_eval_command_errors_exit_2(trial, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(app, ["eval", str(tmp_path), "--data", "x.jsonl"])
+    assert out.exit_code == 2 and "holds no adapter" in out.output
+    folder, _ = trial
+    out = runner.invoke(app, ["eval", str(folder), "--data", str(tmp_path / "missing.jsonl")])
+    assert out.exit_code == 2 and "missing.jsonl" in out.output
+
+
+def test_chat_command_one_shot_and_repl(trial):
+    folder, _ = trial
+    runner = CliRunner()
+    out = runner.invoke(app, ["chat", str(folder), "--prompt", "Chai kaise banate hain?", "--max-new-tokens", "3"])
+    assert out.exit_code == 0, out.output
+    repl = runner.invoke(app, ["chat", str(folder), "--max-new-tokens", "3"], input="Hi\n/reset\nKya haal?\n/quit\n")
+    assert repl.exit_code == 0, repl.output
+    assert repl.output.count("bot> ") == 2
+
+
+def test_merge_refuses_when_perplexity_drifts(trial, tmp_path):
+    folder, _ = trial
+    out_dir = tmp_path / "merged"
+    runner = CliRunner()
+    refused = runner.invoke(app, ["merge", str(folder), str(out_dir), "--tolerance", "0"])
+    assert refused.exit_code == 2, refused.output
+    assert "refusing to merge" in refused.output and "nothing written" in refused.output
+    assert not out_dir.exists()
+
+
+def test_merge_writes_a_plain_model_within_tolerance(trial, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = trial
+    out_dir = tmp_path / "merged"
+    done = CliRunner().invoke(app, ["merge", str(folder), str(out_dir), "--tolerance", "0.5", "--dtype", "bf16"])
+    assert done.exit_code == 0, done.output
+    check = json.loads((out_dir / "merge_check.json").read_text())
+    assert abs(check["drift"]) <= 0.5
+    merged = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert merged.dtype == torch.bfloat16 and not any("lora" in n for n, _ in merged.named_parameters())
+    again = CliRunner().invoke(app, ["merge", str(folder), str(out_dir)])
+    assert again.exit_code == 2 and "already exists" in again.output

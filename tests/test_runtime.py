@@ -1,0 +1,249 @@
+"""The runtime through a REAL local Ray (nothing mocked): ``qlora-ray submit`` of the tiny spec as a
+2x2 grid end to end on the CPU, a re-submit that skips finished trials, a worker SIGKILLed mid-run
+that resumes from its checkpoint, and a fail-fast on GPUs the machine lacks.
+
+Each Ray trial costs ~15-30 s of orchestration on 2 cores (actor start-up, process group), so the
+Ray tests are few; the storage and spec-change checks around them need no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_ray.errors import UserError
+from qlora_ray.runtime import FAULT_ENV, Cluster, Storage, check_resources, concurrency, spec_changes
+from qlora_ray.spec import load_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from multinode import T4_WORKER, LoopbackCluster  # noqa: E402
+
+SWEEP = "sweep={lora.r: [2, 4], train.lr: [5.0e-3, 1.0e-2]}"
+IDS = ["tiny-r2_lr0.01", "tiny-r2_lr5e-3", "tiny-r4_lr0.01", "tiny-r4_lr5e-3"]
+
+
+def _submit(spec: Path, *args: str, env: dict | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
+    """``qlora-ray submit`` in a fresh process (its own embedded Ray), as a user runs it."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "qlora_ray", "submit", str(spec), *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=spec.parent)
+
+
+def _out(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _rows(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    start = time.time()
+    proc = _submit(tiny_spec_file, SWEEP)
+    first_s = time.time() - start
+    assert proc.returncode == 0, _out(proc)
+    out = proc.stdout
+    # What the terminal shows: where Ray is, one line per trial state change, the leaderboard.
+    assert "Ray dashboard: http://127.0.0.1:" in out and "Ray logs: " in out
+    assert "running 4 trial(s), 2 at a time" in out
+    for tid in IDS:
+        assert f"[finished] {tid}  step 6/6" in out
+    assert "# tiny: 4 trials (4 finished)" in out
+    # ... and not Ray's own stream (worker prints, Tune status tables).
+    assert "(RayTrainWorker" not in out and "Trial status" not in out and "(pid=" not in out
+
+    board = json.loads((exp / "leaderboard.json").read_text())
+    assert [t["status"] for t in board["trials"]] == ["finished"] * 4
+    assert sorted(t["trial_id"] for t in board["trials"]) == IDS
+    ppls = [t["eval_ppl"] for t in board["trials"]]
+    assert ppls == sorted(ppls) and all(p > 1 for p in ppls)
+    base = json.loads((exp / "baseline.json").read_text())["perplexity"]
+    assert {t["base_ppl"] for t in board["trials"]} == {base} == {board["base_ppl"]}
+    assert {(t["lora.r"], t["train.lr"]) for t in board["trials"]} == {(2, 5e-3), (2, 1e-2), (4, 5e-3), (4, 1e-2)}
+    for t in board["trials"]:
+        assert t["step"] == 6 and t["tokens_per_s"] > 0 and t["trial_wall_s"] >= t["train_wall_s"] > 0
+    assert (exp / "leaderboard.png").stat().st_size > 10_000
+    assert (exp / "leaderboard.md").read_text().count("| finished |") == 4
+    best = exp / "best"
+    assert best.is_symlink() and best.resolve().name == board["best"] == board["trials"][0]["trial_id"]
+    assert (best / "adapter" / "adapter_config.json").is_file()
+    for tid in IDS:
+        trial = exp / tid
+        # The base model was measured once for the experiment, not by each trial.
+        assert not (trial / "baseline.json").exists()
+        assert json.loads((trial / "status.json").read_text())["status"] == "finished"
+        assert _rows(trial / "metrics.jsonl")[-1]["done"] is True
+        assert yaml.safe_load((trial / "resolved_spec.yaml").read_text())["sweep"] == {}
+    assert (exp / "_ray" / "train" / IDS[0]).is_dir()  # Train's checkpoints live with the experiment
+
+    # Re-submitting the same spec runs nothing: no Ray, no training, same leaderboard.
+    before = {tid: (exp / tid / "metrics.jsonl").read_text() for tid in IDS}
+    start = time.time()
+    again = _submit(tiny_spec_file, SWEEP, "--no-dashboard")
+    again_s = time.time() - start
+    assert again.returncode == 0, _out(again)
+    assert "all 4 trial(s) already finished; nothing to run" in again.stdout
+    assert "Ray logs:" not in again.stdout and "[finished]" not in again.stdout
+    assert {tid: (exp / tid / "metrics.jsonl").read_text() for tid in IDS} == before
+    assert again_s < 30, f"re-submit took {again_s:.0f}s (first run {first_s:.0f}s)"
+
+    # A changed spec is refused (exit 2) instead of silently mixing two experiments.
+    changed = _submit(tiny_spec_file, SWEEP, "train.max_steps=8", timeout=60)
+    assert changed.returncode == 2, _out(changed)
+    assert "train.max_steps: 6 -> 8" in changed.stderr and "--fresh" in changed.stderr
+
+
+def test_killed_worker_on_a_t4_node_resumes_from_its_checkpoint(tiny_spec_file, tmp_path):
+    """``--address`` of a real two-node cluster whose worker has one logical GPU labelled T4.
+
+    The trial asks for that GPU and accelerator type, so Ray places its Train worker there
+    (CUDA_VISIBLE_DEVICES set, no CUDA: it trains on the CPU). The worker SIGKILLs itself at step 5
+    on its first attempt; Ray Train restarts it, the loop gets the step-3 checkpoint from
+    ``ray.train.get_checkpoint()`` and the trial finishes at step 6. Then a spec asking for what
+    the cluster lacks fails at once, naming the keys.
+    """
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    gpu = ["resources.gpus_per_trial=1", "resources.accelerator_type=T4"]
+    with LoopbackCluster(head={"num_cpus": 1, "num_gpus": 0}, workers=[T4_WORKER],
+                         log_path=tmp_path / "cluster.log") as cluster:
+        proc = _submit(tiny_spec_file, *gpu, "--address", cluster.address,
+                       env={**cluster.env(), FAULT_ENV: "5"})
+        assert proc.returncode == 0, _out(proc)
+        t4_node = cluster.nodes[1]
+
+        start = time.time()
+        lacking = _submit(tiny_spec_file, "name=lacking", "resources.gpus_per_trial=2",
+                          "resources.accelerator_type=A100", "--address", cluster.address, env=cluster.env(),
+                          timeout=120)
+        lacking_s = time.time() - start
+
+    trial = exp / "tiny"
+    assert (trial / ".test-killed").exists()  # the fault did fire
+    starts = _rows(trial / "events.jsonl")
+    assert len(starts) == 2 and starts[0]["resume_from"] is None
+    assert "/_ray/train/tiny/checkpoint_" in starts[1]["resume_from"]
+    assert starts[0]["pid"] != starts[1]["pid"]
+    assert {s["node_id"] for s in starts} == {t4_node}
+    assert {s["cuda_visible_devices"] for s in starts} == {"0"}  # a logical GPU: a label, trained on the CPU
+    rows = _rows(trial / "metrics.jsonl")
+    # One history: rows 1-3 from the first attempt, 4-6 from the resumed one, then the final row.
+    assert [r["step"] for r in rows if not r.get("done")] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["done"] is True and rows[-1]["step"] == 6 and rows[-1]["total_steps"] == 6
+    status = json.loads((trial / "status.json").read_text())
+    assert status["status"] == "finished" and status["attempts"] == 2
+    assert status["result"]["step"] == 6 and status["result"]["eval_ppl"] > 1
+    assert "[finished] tiny  step 6/6" in proc.stdout
+
+    assert lacking.returncode == 2, _out(lacking)
+    assert "resources.gpus_per_trial: 2 GPU(s) per trial, but the cluster at" in lacking.stderr
+    assert "resources.accelerator_type: no node of the cluster at" in lacking.stderr
+    assert "offers 'A100' (it has: T4)" in lacking.stderr
+    assert lacking_s < 60
+    assert not (exp.parent / "lacking").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------- no Ray needed
+
+def test_storage_on_a_uri_and_moving_aside(tmp_path):
+    """The same Storage code serves s3:// and gs://; file:// exercises it without a network."""
+    storage = Storage(f"file://{tmp_path}/runs/exp")
+    assert not storage.is_local_path and storage.local == tmp_path / "runs" / "exp"
+    storage.write_json("t1/status.json", {"status": "running"})
+    assert storage.read_json("t1/status.json") == {"status": "running"}
+    src = tmp_path / "staging"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "w.bin").write_bytes(b"x" * 10)
+    storage.upload(src, "t1")
+    assert (tmp_path / "runs/exp/t1/adapter/w.bin").read_bytes() == b"x" * 10
+    mirror = storage.download(tmp_path / "mirror")
+    assert (mirror / "t1" / "status.json").exists()
+    moved = storage.move_aside()
+    assert moved.startswith(f"file://{tmp_path}/runs/exp.old-") and not storage.exists()
+    assert (Path(moved[len("file://"):]) / "t1" / "adapter" / "w.bin").exists()  # kept, not deleted
+
+
+def test_spec_changes_ignore_sweep_resources_and_output(tiny_spec_file):
+    from qlora_ray.spec import to_yaml
+
+    spec = load_spec(tiny_spec_file)
+    saved = to_yaml(spec)
+    same = load_spec(tiny_spec_file, [SWEEP, "resources.max_concurrent_trials=1", "output.dir=/elsewhere"])
+    assert spec_changes(saved, same) == []
+    other = load_spec(tiny_spec_file, ["train.lr=0.02", "lora.alpha=16"])
+    assert spec_changes(saved, other) == ["lora.alpha: 8 -> 16", "train.lr: 0.005 -> 0.02"]
+
+
+def test_resource_checks_and_concurrency(tiny_spec_file):
+    head = {"CPU": 2.0, "node:__internal_head__": 1.0}
+    t4 = {"CPU": 4.0, "GPU": 1.0, "accelerator_type:T4": 1.0}
+    a100 = {"CPU": 16.0, "GPU": 8.0, "accelerator_type:A100": 1.0}
+    pool = Cluster(address="10.0.0.1:6379", embedded=False, dashboard_url=None, log_dir=None,
+                   nodes=[head, t4, t4, a100])
+    cpu_spec = load_spec(tiny_spec_file)
+    t4_spec = load_spec(tiny_spec_file, ["resources.gpus_per_trial=1", "resources.accelerator_type=T4"])
+    check_resources(t4_spec, pool)
+    assert concurrency(t4_spec, pool, n_trials=12) == 2            # one per T4 node (the A100s are not T4)
+    any_gpu = load_spec(tiny_spec_file, ["resources.gpus_per_trial=1"])
+    assert concurrency(any_gpu, pool, n_trials=12) == 10           # 1 + 1 + 8 GPUs
+    assert concurrency(any_gpu, pool, n_trials=3) == 3              # never more than the trials
+    assert concurrency(cpu_spec, pool, n_trials=40) == 2 + 4 + 4 + 16  # CPU trials: by CPUs
+    capped = load_spec(tiny_spec_file, ["resources.max_concurrent_trials=3"])
+    assert concurrency(capped, pool, n_trials=40) == 3
+
+    laptop = Cluster(address="local", embedded=True, dashboard_url=None, log_dir=None, nodes=[head])
+    with pytest.raises(UserError) as e:
+        check_resources(t4_spec, laptop)
+    assert str(e.value).splitlines() == [
+        "resources.gpus_per_trial: 1 GPU(s) per trial, but the local Ray (this machine) has 0 GPU(s); "
+        "set resources.gpus_per_trial=0 to train on the CPU, or pass --address of a GPU cluster",
+        "resources.accelerator_type: no node of the local Ray (this machine) offers 'T4' (it has: no typed "
+        "GPUs); drop accelerator_type or use one of those"]
+    big = load_spec(tiny_spec_file, ["resources.cpus_per_trial=8"])
+    with pytest.raises(UserError, match=r"resources.cpus_per_trial: 8 CPUs per trial, but the largest node"):
+        check_resources(big, laptop)
+    # Each part fits somewhere, but no single node has all of them.
+    split = Cluster(address="x", embedded=False, dashboard_url=None, log_dir=None,
+                    nodes=[{"CPU": 1.0, "GPU": 1.0, "accelerator_type:T4": 1.0}, {"CPU": 8.0}])
+    with pytest.raises(UserError, match="no single node has the GPUs, CPUs and accelerator type"):
+        check_resources(load_spec(tiny_spec_file, ["resources.gpus_per_trial=1", "resources.cpus_per_trial=4"]),
+                        split)
+
+
+# ---------------------------------------------------------------- slow: the shipped smoke job
+
+SMOKE_OVERRIDES = ["sweep={lora.r: [8, 16]}", "train.max_steps=12", "train.batch_size=4",
+                   "train.checkpoint_every=6", "train.log_every=2", "data.max_eval_examples=24",
+                   "eval.max_prompts=2", "eval.max_new_tokens=24"]
+
+
+@pytest.mark.slow
+def test_smoke_job_sweep_through_local_ray(smollm2_gguf, tmp_path):
+    """``qlora-ray submit jobs/hinglish_smoke.yaml`` (offline SmolLM2, NF4 on the CPU), two ranks,
+    shortened so it takes minutes; prints wall time, the leaderboard and Ray's overhead per trial."""
+    root = Path(__file__).resolve().parents[1]
+    # The shipped job, writing into tmp_path. (A wrapper spec, because spec.py refuses an absolute
+    # output.dir override outside the project when the file declares a relative one.)
+    spec = tmp_path / "smoke.yaml"
+    spec.write_text(f"base: {root / 'jobs' / 'hinglish_smoke.yaml'}\noutput: {{dir: {tmp_path}/runs}}\n")
+    start = time.time()
+    proc = _submit(spec, *SMOKE_OVERRIDES, timeout=3600)
+    wall = time.time() - start
+    assert proc.returncode == 0, _out(proc)
+    board = json.loads((tmp_path / "runs" / "hinglish_smoke" / "leaderboard.json").read_text())
+    assert [t["status"] for t in board["trials"]] == ["finished", "finished"]
+    assert all(t["eval_ppl"] < t["base_ppl"] for t in board["trials"]), "QLoRA did not lower perplexity"
+    print(f"\n$ qlora-ray submit jobs/hinglish_smoke.yaml {' '.join(SMOKE_OVERRIDES)} output.dir=...")
+    print(f"wall time: {wall:.0f}s")
+    print(proc.stdout[proc.stdout.index("# hinglish_smoke"):])
+    for t in board["trials"]:
+        print(f"{t['trial_id']}: trial wall {t['trial_wall_s']:.0f}s, fit wall_s {t['train_wall_s']:.0f}s, "
+              f"Ray overhead {t['overhead_s']:.0f}s")

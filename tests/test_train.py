@@ -1,0 +1,249 @@
+"""The training loop on a tiny random Llama with real bitsandbytes NF4 on the CPU: it learns,
+checkpoints, resumes exactly (same steps, same batches, same loss), falls back from a corrupt
+checkpoint, and stops on a non-finite loss. Plus ``qlora-ray train`` and the slow/gpu smoke runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qlora_ray import train as training
+from qlora_ray.cli import app
+from qlora_ray.spec import TrainSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_JOB = ROOT / "jobs" / "hinglish_smoke.yaml"
+FINAL_KEYS = {"step", "train_loss", "eval_ppl", "base_ppl", "ppl_change", "tokens_per_s", "peak_mem_gb",
+              "wall_s", "train_s", "done"}
+
+
+def tiny_spec(folder: Path, model_dir: Path, data_dir: Path, overrides=()):
+    """The conftest tiny spec (NF4, fp32 compute) with 2 micro-batches per step, so 6 steps cross
+    the epoch boundary, and LoRA dropout on, so a resume must restore the RNG too."""
+    path = folder / "tiny.yaml"
+    path.write_text(f"""\
+name: tiny
+model: {{name: {model_dir}}}
+data: {{train: {data_dir}/train.jsonl, eval: {data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
+quantization: {{mode: nf4, compute_dtype: fp32}}
+lora: {{r: 4, alpha: 8, dropout: 0.1}}
+train: {{lr: 2.0e-2, max_steps: 6, batch_size: 4, grad_accum: 2, warmup_ratio: 0.2, checkpoint_every: 3,
+         log_every: 1, gradient_checkpointing: false}}
+eval: {{prompts: {data_dir}/prompts.txt, max_new_tokens: 4}}
+resources: {{gpus_per_trial: 0}}
+output: {{dir: {folder}/runs}}
+""", encoding="utf-8")
+    return load_spec(path, list(overrides))
+
+
+class Recorder:
+    """Wraps the loss function ``fit`` calls: a fingerprint of every micro-batch trained on."""
+
+    def __init__(self, monkeypatch, fail_at=None):
+        self.seen, self.fail_at = [], fail_at
+        real = training.token_loss
+
+        def wrapped(model, batch):
+            self.seen.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12])
+            loss, count = real(model, batch)
+            if self.fail_at is not None and len(self.seen) == self.fail_at:
+                loss = loss * float("inf")
+            return loss, count
+
+        monkeypatch.setattr(training, "token_loss", wrapped)
+
+
+class Killed(Exception):
+    pass
+
+
+def run_fit(spec, trial_dir, resume_from=None, kill_at=None):
+    reports = []
+
+    def report(metrics, checkpoint):
+        reports.append((dict(metrics), checkpoint))
+        if kill_at is not None and metrics.get("step") == kill_at:
+            raise Killed(f"killed after step {kill_at}")
+
+    ctx = training.RunContext(trial_dir=str(trial_dir), resume_from=resume_from)
+    result = training.fit(spec, report, ctx)
+    return result, reports
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """One uninterrupted 6-step run, with the fingerprints of the batches it trained on."""
+    mp = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("reference")
+    spec = tiny_spec(folder, tiny_model_dir, tiny_data_dir)
+    recorder = Recorder(mp)
+    try:
+        result, reports = run_fit(spec, folder / "trial")
+    finally:
+        mp.undo()
+    return {"spec": spec, "folder": folder, "trial": folder / "trial", "result": result,
+            "reports": reports, "batches": recorder.seen}
+
+
+def test_fit_trains_and_writes_the_trial_folder(reference):
+    result, reports, trial = reference["result"], reference["reports"], reference["trial"]
+    assert result.step == 6 and result.total_steps == 6 and result.done
+    # The model learns: tuned perplexity on the held-out set is below the base's, loss falls.
+    assert result.eval_ppl < result.base_ppl
+    assert result.ppl_change == pytest.approx(result.eval_ppl / result.base_ppl - 1)
+    losses = [m["loss"] for m, _ in reports if not m.get("done")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    # Checkpoints are reported at steps 3 and 6; the final report has every figure and done=True.
+    assert [(m["step"], Path(c).name) for m, c in reports if c] == [(3, "step_3"), (6, "step_6")]
+    final, checkpoint = reports[-1]
+    assert checkpoint is None and FINAL_KEYS <= set(final) and final["done"] is True
+    assert all(math.isfinite(final[k]) for k in FINAL_KEYS - {"done"})
+    assert final["tokens_per_s"] > 0 and final["peak_mem_gb"] > 0
+    # 8 micro-batches of 4 packed rows per epoch: step 4 starts epoch 1.
+    assert [m["epoch"] for m, _ in reports[:6]] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert {p.name for p in trial.iterdir()} >= {"resolved_spec.yaml", "metrics.jsonl", "samples.md", "adapter",
+                                                 "checkpoints", "baseline.json"}
+    rows = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6] and rows[-1]["done"]
+    assert {p.name for p in (trial / "adapter").iterdir()} >= {
+        "adapter_config.json", "adapter_model.safetensors", "qlora_ray_spec.yaml", "tokenizer.json"}
+    checkpoint_files = {p.name for p in (trial / "checkpoints" / "step_6").iterdir()}
+    assert checkpoint_files == {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
+                                "state.json", "manifest.json"}
+    samples = (trial / "samples.md").read_text()
+    assert "| 1 | Chai kaise banate hain? |" in samples and "| 2 | Kal barish hogi? |" in samples
+
+
+def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
+    spec, trial = reference["spec"], tmp_path / "trial"
+    recorder = Recorder(monkeypatch)
+    with pytest.raises(Killed):
+        run_fit(spec, trial, kill_at=3)
+    assert [p.name for p in training.checkpoints(trial)] == ["step_3"]
+    assert len(recorder.seen) == 6  # 3 steps x 2 micro-batches
+
+    result, reports = run_fit(spec, trial, resume_from=str(trial / "checkpoints" / "step_3"))
+    assert result.step == reference["result"].step == 6
+    assert [m["step"] for m, _ in reports] == [4, 5, 6, 6]
+    # Same batches in the same order (the resumed epoch skips what was trained), same losses.
+    assert recorder.seen == reference["batches"]
+    expected = [m["loss"] for m, _ in reference["reports"][3:6]]
+    assert [m["loss"] for m, _ in reports[:3]] == pytest.approx(expected, rel=1e-5)
+    assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
+    assert result.eval_ppl == pytest.approx(reference["result"].eval_ppl, rel=1e-5)
+    assert result.base_ppl == pytest.approx(reference["result"].base_ppl, rel=1e-9)
+    steps = [json.loads(line)["step"] for line in (trial / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 6]
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, caplog):
+    trial = tmp_path / "trial"
+    shutil.copytree(reference["trial"] / "checkpoints", trial / "checkpoints")
+    optimizer = trial / "checkpoints" / "step_6" / "optimizer.pt"
+    blob = bytearray(optimizer.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    optimizer.write_bytes(bytes(blob))
+    assert "sha256" in training.checkpoint_problem(optimizer.parent)
+
+    with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
+        result, reports = run_fit(reference["spec"], trial, resume_from=str(optimizer.parent))
+    assert "step_6 is unusable" in caplog.text and "earlier checkpoint" in caplog.text
+    assert [m["step"] for m, _ in reports] == [4, 5, 6, 6]
+    assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
+
+
+def test_half_written_checkpoint_is_detected(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_9"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").write_bytes(b"partial")
+    assert "no manifest" in training.checkpoint_problem(folder)
+    assert training.latest_checkpoint(tmp_path) is None
+    assert training.checkpoints(tmp_path) == [folder]
+
+
+def test_non_finite_loss_stops_the_trial(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    spec = tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, ["train.grad_accum=1"])
+    Recorder(monkeypatch, fail_at=3)
+    with pytest.raises(training.NonFiniteLossError, match=r"step 3: training loss is inf") as caught:
+        run_fit(spec, tmp_path / "trial")
+    assert caught.value.step == 3 and caught.value.loss == math.inf
+    assert not (tmp_path / "trial" / "adapter").exists()
+
+
+@pytest.mark.parametrize("scheduler, expected", [
+    ("cosine", [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_learning_rate_schedule(scheduler, expected):
+    t = TrainSpec(warmup_ratio=0.3, scheduler=scheduler)
+    assert [round(training.lr_factor(s, t, 6), 3) for s in range(6)] == expected
+
+
+def test_train_command_trains_and_resumes(tiny_spec_file):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "tuned eval ppl" in result.output and "adapter:" in result.output
+    trial = tiny_spec_file.parent / "runs" / "tiny" / "tiny"
+    assert (trial / "adapter" / "adapter_model.safetensors").is_file()
+    # A second run finds the final checkpoint and only evaluates again.
+    again = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "resuming from" in again.output and "step_2" in again.output
+
+
+def test_train_command_errors_exit_2(tiny_spec_file):
+    runner = CliRunner()
+    swept = runner.invoke(app, ["train", str(tiny_spec_file), "--trial", "nope"])
+    assert swept.exit_code == 2 and "no trial 'nope'" in swept.output
+    bad = runner.invoke(app, ["train", str(tiny_spec_file), "train.lr=7"])
+    assert bad.exit_code == 2 and "train.lr" in bad.output
+
+
+# ---------------------------------------------------------------- real model tiers
+
+def _smoke(extra=()):
+    runner = CliRunner()
+    start = time.time()
+    result = runner.invoke(app, ["train", str(SMOKE_JOB), "--fresh", "--quiet", *extra])
+    wall = time.time() - start
+    assert result.exit_code == 0, result.output
+    spec = load_spec(SMOKE_JOB, [e for e in extra if "=" in e])
+    trial = Path(spec.experiment_dir) / spec.name
+    final = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+    print(f"\nsmoke: wall {wall:.0f}s, base ppl {final['base_ppl']:.2f} -> tuned {final['eval_ppl']:.2f} "
+          f"({final['ppl_change']:+.1%}), {final['tokens_per_s']:.0f} tokens/s, peak {final['peak_mem_gb']:.2f} GiB")
+    print((trial / "samples.md").read_text())
+    return final, trial
+
+
+@pytest.mark.slow
+def test_smoke_job_on_offline_smollm2(smollm2_gguf, tmp_path):
+    """`qlora-ray train jobs/hinglish_smoke.yaml` on the CPU: a large perplexity drop in minutes."""
+    final, trial = _smoke()
+    assert final["done"] and final["step"] == load_spec(SMOKE_JOB).train.max_steps
+    assert final["ppl_change"] < -0.3
+    assert (trial / "samples.md").is_file()
+
+
+@pytest.mark.gpu
+def test_smoke_job_on_cuda_fp16_nf4(smollm2_gguf, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    final, trial = _smoke(["resources.gpus_per_trial=1",
+                           "quantization.mode=nf4", "quantization.compute_dtype=fp16"])
+    assert final["done"] and final["ppl_change"] < -0.3
+    resolved = (trial / "resolved_spec.yaml").read_text()
+    assert "compute_dtype: fp16" in resolved
+    assert final["peak_mem_gb"] < 15  # fits a T4
