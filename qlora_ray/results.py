@@ -105,11 +105,15 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
-def write_json(path: Path, data: Dict[str, Any]) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write atomically (a reader of a running sweep never sees half a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
@@ -414,11 +418,12 @@ def write_leaderboard(exp_dir: str | os.PathLike, with_plot: bool = True) -> Lea
     """Write ``leaderboard.{csv,json,md}`` (and ``.png``) and point ``best`` at the best trial."""
     exp = Path(exp_dir)
     board = read_leaderboard(exp)
-    (exp / f"{LEADERBOARD}.md").write_text(to_markdown(board), encoding="utf-8")
-    (exp / f"{LEADERBOARD}.csv").write_text(to_csv(board), encoding="utf-8")
+    write_text(exp / f"{LEADERBOARD}.md", to_markdown(board))
+    write_text(exp / f"{LEADERBOARD}.csv", to_csv(board))
     write_json(exp / f"{LEADERBOARD}.json", to_json(board))
     if with_plot:
-        plot(board, exp / f"{LEADERBOARD}.png")
+        tmp = exp / f".{LEADERBOARD}.{os.getpid()}.png"
+        os.replace(plot(board, tmp), exp / f"{LEADERBOARD}.png")
     link_best(exp, board)
     return board
 

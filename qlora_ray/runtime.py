@@ -51,7 +51,7 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from qlora_ray import results  # noqa: E402
 from qlora_ray.errors import UserError  # noqa: E402
 from qlora_ray.plan import Trial, expand  # noqa: E402
-from qlora_ray.spec import JobSpec, _is_uri, load_spec, project_root, to_yaml  # noqa: E402
+from qlora_ray.spec import URI_SCHEMES, JobSpec, load_spec, project_root, to_yaml  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _is_uri(text: str) -> bool:
+    return text.startswith(URI_SCHEMES)
+
+
 # ---------------------------------------------------------------- storage
 
 class Storage:
@@ -87,7 +91,7 @@ class Storage:
     """
 
     def __init__(self, root: str):
-        self.root = root.rstrip("/")
+        self.root = root.rstrip("/") if _is_uri(root) else str(Path(root).resolve())
         if _is_uri(self.root):
             self.fs, self._path = pafs.FileSystem.from_uri(self.root)
             self.local: Optional[Path] = Path(self._path) if isinstance(self.fs, pafs.LocalFileSystem) else None
@@ -150,13 +154,14 @@ class Storage:
         pafs.copy_files(str(local_dir), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 
-    def download(self, dest: Path, skip: tuple = (RAY_DIR,)) -> Path:
-        """Mirror the experiment (minus ``skip`` top-level folders) into ``dest``."""
+    def download(self, dest: Path, skip: tuple = (RAY_DIR, "adapter", "checkpoints")) -> Path:
+        """Mirror the experiment's files into ``dest``, minus folders named in ``skip`` (Ray's
+        state, adapters, checkpoints: the leaderboard needs none of them)."""
         dest.mkdir(parents=True, exist_ok=True)
         selector = pafs.FileSelector(self.path(), recursive=True, allow_not_found=True)
         for info in self.fs.get_file_info(selector):
             rel = info.path[len(self.path()):].lstrip("/")
-            if info.type != pafs.FileType.File or rel.split("/", 1)[0] in skip:
+            if info.type != pafs.FileType.File or any(part in skip for part in rel.split("/")[:-1]):
                 continue
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -262,8 +267,8 @@ def connect(address: Optional[str] = None, dashboard: bool = True,
         else:
             with_dashboard = dashboard and _dashboard_available()
             # address="local": always a new Ray of our own, never one `ray start` left on this machine.
-            ctx = ray.init(address="local", include_dashboard=with_dashboard,
-                           dashboard_host=dashboard_host if with_dashboard else "127.0.0.1", **common)
+            ctx = _start_local(include_dashboard=with_dashboard,
+                               dashboard_host=dashboard_host if with_dashboard else "127.0.0.1", **common)
         url = ctx.dashboard_url or None
         session = ctx.address_info.get("session_dir")
     else:
@@ -276,6 +281,19 @@ def connect(address: Optional[str] = None, dashboard: bool = True,
     finally:
         if owned:
             ray.shutdown()
+
+
+def _start_local(**kwargs):
+    # Ray waits a fixed 30 s for its raylet to register; on a busy 2-core laptop that can run
+    # out, and a second start usually succeeds.
+    for attempt in range(3):
+        try:
+            return ray.init(address="local", **kwargs)
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
+            log.warning("the local Ray did not start in time (busy machine?); trying again")
 
 
 # ---------------------------------------------------------------- resources
@@ -415,7 +433,12 @@ def ensure_baseline(spec: JobSpec, storage: Storage, say: Callable[[str], None])
         options["accelerator_type"] = res.accelerator_type
     say("baseline: measuring the base model once (perplexity, sample replies) ...")
     start = time.time()
-    text = ray.get(ray.remote(_baseline_task).options(**options).remote(spec))
+    try:
+        text = ray.get(ray.remote(_baseline_task).options(**options).remote(spec))
+    except ray.exceptions.RayTaskError as e:
+        # The same model and data feed every trial: stop here, with the reason, not a traceback.
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+        raise UserError(f"measuring the base model failed, so no trial was started: {_reason(cause)}") from None
     storage.write_text(results.BASELINE_FILE, text)
     say(f"baseline: done in {time.time() - start:.0f}s -> {storage.uri(results.BASELINE_FILE)}")
     return text
@@ -424,7 +447,7 @@ def ensure_baseline(spec: JobSpec, storage: Storage, say: Callable[[str], None])
 # ---------------------------------------------------------------- the worker (one per trial)
 
 @dataclass
-class Job:
+class Sweep:
     """What every trial function needs; shipped once through the object store."""
 
     exp: str
@@ -479,8 +502,13 @@ def _worker_loop(config: Dict[str, Any]) -> None:
                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                                 "resume_from": resume_from}) + "\n")
         baseline = evaluate.Baseline.from_json(config["baseline"]) if config.get("baseline") else None
-        train.fit(trial.spec, report, train.RunContext(trial_dir=str(trial_dir), resume_from=resume_from,
-                                                       baseline=baseline))
+        try:
+            train.fit(trial.spec, report, train.RunContext(trial_dir=str(trial_dir), resume_from=resume_from,
+                                                           baseline=baseline))
+        except (UserError, train.NonFiniteLossError) as e:
+            # Deterministic: a retry would fail the same way. End the run with the reason instead
+            # of raising (which would make Ray Train restart the worker max_failures times).
+            final.update(done=False, error=f"{type(e).__name__}: {e}")
     sync(full=True)
     # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
     # final report itself, so it travels through storage.
@@ -495,13 +523,13 @@ def _to_tune(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _run_trial(config: Dict[str, Any], job: Job) -> None:
+def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
     """One Tune trial: build and fit the trial's TorchTrainer; stamp ``status.json``."""
     # Imported here, in the trial's process: it pulls in torch, which the driver never needs.
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    trial = job.trials[config["trial_id"]]
-    storage = Storage(job.exp)
+    trial = sweep.trials[config["trial_id"]]
+    storage = Storage(sweep.exp)
     res = trial.spec.resources
     rel = f"{trial.id}/{results.STATUS_FILE}"
     before = storage.read_json(rel) or {}
@@ -516,7 +544,8 @@ def _run_trial(config: Dict[str, Any], job: Job) -> None:
         per_worker["GPU"] = res.gpus_per_trial
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"trial": trial, "exp": job.exp, "baseline": job.baseline, "fault_step": job.fault_step},
+        train_loop_config={"trial": trial, "exp": sweep.exp, "baseline": sweep.baseline,
+                           "fault_step": sweep.fault_step},
         # One worker needs no collective ops: gloo runs anywhere, including hosts whose "GPUs"
         # are logical labels (CI, the multi-node tests), where NCCL would fail to initialize.
         torch_config=TorchConfig(backend="gloo"),
@@ -535,7 +564,7 @@ def _run_trial(config: Dict[str, Any], job: Job) -> None:
         trainer.fit()
         final = storage.read_json(f"{trial.id}/{RESULT_FILE}") or {}
         if not final.get("done"):
-            error = "training ended without a final report"
+            error = final.pop("error", None) or "training ended without a final report"
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
         error = _reason(e)
     # Wall time of the trial as Ray ran it, summed over submits when an earlier one was cut short.
@@ -642,7 +671,7 @@ class Progress(tune.Callback):
         now = time.time()
         if (row["state"], row.get("reason")) != before or now - self._last_print.get(tid, 0) >= self.every_s:
             self._last_print[tid] = now
-            self.console.print(self.line(tid), markup=False, highlight=False)
+            self.console.print(self.line(tid), markup=False, highlight=False, soft_wrap=True)
 
     def eta(self, row: Dict[str, Any]) -> Optional[float]:
         first, step, total = row.get("first"), row.get("step"), row.get("total")
@@ -712,14 +741,14 @@ def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline: Optio
              console, skipped: int = 0) -> None:
     """The Tune grid over ``todo`` (one TorchTrainer per trial); returns when all have ended."""
     fault = os.environ.get(FAULT_ENV)
-    job = Job(exp=storage.root, trials={t.id: t for t in todo}, baseline=baseline,
-              fault_step=int(fault) if fault else None)
+    sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo}, baseline=baseline,
+                  fault_step=int(fault) if fault else None)
     limit = concurrency(spec, cluster, len(todo))
     console.print(f"running {len(todo)} trial(s), {limit} at a time"
                   + (f"; {skipped} already finished (skipped)" if skipped else ""), highlight=False)
     progress = Progress(todo, console, skipped=skipped)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_run_trial, job=job), _DRIVER_RESOURCES),
+        tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), _DRIVER_RESOURCES),
         param_space={"trial_id": tune.grid_search([t.id for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=limit, reuse_actors=False,
@@ -746,8 +775,8 @@ def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline: Optio
 
 
 def submit(spec_path: Path, overrides: List[str], console, address: Optional[str] = None, fresh: bool = False,
-           dashboard: bool = True, dashboard_host: str = "127.0.0.1") -> results.Leaderboard:
-    """Run (or resume) the experiment of ``spec_path`` in the foreground; returns its leaderboard."""
+           dashboard: bool = True, dashboard_host: str = "127.0.0.1") -> tuple[results.Leaderboard, str]:
+    """Run (or resume) the experiment of ``spec_path`` in the foreground; its leaderboard and folder."""
     spec = load_spec(spec_path, overrides)
     trials = expand(spec)
 
@@ -773,8 +802,7 @@ def submit(spec_path: Path, overrides: List[str], console, address: Optional[str
             record_experiment(storage, spec, spec_path, trials, cluster)
             baseline = ensure_baseline(spec, storage, say)
             run_grid(spec, storage, todo, baseline, cluster, console, skipped=skipped)
-    board = write_results(storage.root)
-    return board
+    return write_results(storage.root), storage.root
 
 
 # ---------------------------------------------------------------- --detach (Ray Jobs)
@@ -858,7 +886,7 @@ def submit_detached(spec_path: Path, overrides: List[str], console, address: Opt
             metadata={"qlora_ray_experiment": spec.name})
     except Exception as e:
         raise UserError(f"--detach: the cluster at {api} refused the job: {str(e).strip().splitlines()[0]}") from None
-    record = {"job_id": job_id, "address": api, "submitted_at": _now(), "entrypoint": entrypoint,
+    record = {"job_id": job_id, "name": spec.name, "address": api, "submitted_at": _now(), "entrypoint": entrypoint,
               "working_dir": str(root), "spec": str(rel_spec), "experiment": storage.root}
     storage.write_json(JOB_FILE, record)
     if not local_cluster and storage.is_local_path:

@@ -251,6 +251,7 @@ def _node_kill(cluster, tiny_spec_file, name: str, sweep: str, n_trials: int, re
     }
 
 
+@pytest.mark.slow  # a 3-node cluster and a kill: minutes on 2 cores; test_runtime covers a worker kill by default
 def test_node_killed_mid_trial_resumes_on_another_t4(pool, tiny_spec_file, record):
     """Two trials, one per T4 worker; the node under one of them dies at step >= 7 and an
     autoscaler-like replacement joins: the trial resumes from its step-5 (or later) checkpoint

@@ -94,7 +94,7 @@ def test_training_side_never_imports_ray(name):
     assert not bad, f"{name} reaches {', '.join(f'{i} (imported by {v})' for i, v in sorted(bad.items()))}"
 
 
-def test_the_checker_sees_imports_inside_functions(tmp_path):
+def test_the_checker_sees_imports_inside_functions():
     """Guard against a checker that passes because it parses nothing."""
     assert "ray.tune" in _imports("qlora_ray.runtime")
     assert any(_top(i) == "ray" for i in _closure("qlora_ray.runtime"))

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from multinode import T4_WORKER, LoopbackCluster  # noqa: E402
 
 SWEEP = "sweep={lora.r: [2, 4], train.lr: [5.0e-3, 1.0e-2]}"
+FAST = ["resources.cpus_per_trial=0.5", "train.log_every=3"]
 IDS = ["tiny-r2_lr0.01", "tiny-r2_lr5e-3", "tiny-r4_lr0.01", "tiny-r4_lr5e-3"]
 
 
@@ -48,13 +49,15 @@ def _rows(path: Path) -> list:
 def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     exp = tiny_spec_file.parent / "runs" / "tiny"
     start = time.time()
-    proc = _submit(tiny_spec_file, SWEEP)
+    # Half a CPU per trial: all four run at once on 2 cores (one wave of Ray start-up, not two);
+    # a report every 3 steps: Ray Train hands one report at a time to its controller (~2 s polls).
+    proc = _submit(tiny_spec_file, SWEEP, *FAST)
     first_s = time.time() - start
     assert proc.returncode == 0, _out(proc)
     out = proc.stdout
     # What the terminal shows: where Ray is, one line per trial state change, the leaderboard.
     assert "Ray dashboard: http://127.0.0.1:" in out and "Ray logs: " in out
-    assert "running 4 trial(s), 2 at a time" in out
+    assert "running 4 trial(s), 4 at a time" in out
     for tid in IDS:
         assert f"[finished] {tid}  step 6/6" in out
     assert "# tiny: 4 trials (4 finished)" in out
@@ -88,7 +91,7 @@ def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     # Re-submitting the same spec runs nothing: no Ray, no training, same leaderboard.
     before = {tid: (exp / tid / "metrics.jsonl").read_text() for tid in IDS}
     start = time.time()
-    again = _submit(tiny_spec_file, SWEEP, "--no-dashboard")
+    again = _submit(tiny_spec_file, SWEEP, *FAST, "--no-dashboard")
     again_s = time.time() - start
     assert again.returncode == 0, _out(again)
     assert "all 4 trial(s) already finished; nothing to run" in again.stdout
@@ -97,7 +100,7 @@ def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     assert again_s < 30, f"re-submit took {again_s:.0f}s (first run {first_s:.0f}s)"
 
     # A changed spec is refused (exit 2) instead of silently mixing two experiments.
-    changed = _submit(tiny_spec_file, SWEEP, "train.max_steps=8", timeout=60)
+    changed = _submit(tiny_spec_file, SWEEP, *FAST, "train.max_steps=8", timeout=60)
     assert changed.returncode == 2, _out(changed)
     assert "train.max_steps: 6 -> 8" in changed.stderr and "--fresh" in changed.stderr
 

@@ -58,15 +58,14 @@ def submit(
 
     if detach:
         record = runtime.submit_detached(spec_path, overrides, console, address=address, fresh=fresh)
-        name = load_spec(spec_path, overrides).name
+        name = record["name"]
         console.print(f"submitted job [bold]{record['job_id']}[/] to {record['address']}", soft_wrap=True)
         console.print(f"  follow it:  qlora-ray status {name}  |  qlora-ray logs {name} --follow", soft_wrap=True)
         console.print(f"  results:    qlora-ray results {name}  (job record: {record['experiment']}/job.json)",
                       soft_wrap=True, highlight=False)
         return
-    board = runtime.submit(spec_path, overrides, console, address=address, fresh=fresh,
-                           dashboard=dashboard, dashboard_host=dashboard_host)
-    exp = load_spec(spec_path, overrides).experiment_dir
+    board, exp = runtime.submit(spec_path, overrides, console, address=address, fresh=fresh,
+                                dashboard=dashboard, dashboard_host=dashboard_host)
     _print_board(board, exp)
     if board.failed:
         raise typer.Exit(1)
@@ -215,23 +214,36 @@ def _counts(board: results.Leaderboard) -> str:
 
 
 def _print_board(board: results.Leaderboard, exp: str) -> None:
-    if not console.is_terminal:  # a pipe or a Ray job log: the markdown table reads well as text
+    if not console.is_terminal:  # a pipe or a Ray job's log: the markdown table reads well as text
         console.out(results.to_markdown(board), highlight=False)
         console.out(f"leaderboard: {exp}/leaderboard.{{md,csv,json,png}}", highlight=False)
         return
     headers, rows = results.table_rows(board)
+    # A terminal is narrow: the base perplexity goes in the title, the step column only while
+    # something runs, and the trial id never wraps.
+    drop = {"base ppl"} | ({"step"} if all(r.status in ("finished", "failed") for r in board.rows) else set())
+    if console.width < 120:  # the files have every column
+        drop |= {"#", "peak GiB", "wall s", "tokens/s"}
+    keep = [i for i, h in enumerate(headers) if h not in drop]
+    status_col = headers.index("status")
+    rows = [[row[i] if i != status_col else board.rows[n].status for i in range(len(row))]
+            for n, row in enumerate(rows)]  # failure reasons are listed below the table
     title = f"{board.name}: {len(board.rows)} trial(s), {_counts(board)}"
     if board.base_ppl is not None:
         title += f"; base eval ppl {board.base_ppl:.2f}"
     table = Table(title=title, title_justify="left")
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("trial", "status") else "right")
+    for i in keep:
+        name = {"train loss": "loss"}.get(headers[i], headers[i])
+        table.add_column(name, justify="left" if name in ("trial", "status") else "right",
+                         no_wrap=True, min_width=len(name))
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in keep))
     console.print(table)
     best = board.best
     if best is not None:
-        console.print(f"best: {best.trial_id} (eval ppl {best.eval_ppl:.2f}) -> {exp}/best", highlight=False)
+        console.print(f"best: {best.trial_id} (eval ppl {best.eval_ppl:.2f}) -> {exp}/best",
+                      highlight=False, soft_wrap=True)
     for row in board.failed:
-        console.print(f"[red]failed[/] {row.trial_id}: {row.reason or 'no reason recorded'}", highlight=False)
-    console.print(f"leaderboard: {exp}/leaderboard.{{md,csv,json,png}}", highlight=False)
+        console.print(f"[red]failed[/] {row.trial_id}: {row.reason or 'no reason recorded'}",
+                      highlight=False, soft_wrap=True)
+    console.print(f"leaderboard: {exp}/leaderboard.{{md,csv,json,png}}", highlight=False, soft_wrap=True)
