@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -65,6 +66,8 @@ RESULT_FILE = "result.json"
 # Test hook: the worker SIGKILLs itself at this step on its first attempt (a marker file keeps
 # the retry alive). Read by the driver and passed to workers, so it works on any cluster.
 FAULT_ENV = "QLORA_RAY_TEST_KILL_AT_STEP"
+# The interpreter a --detach job runs on a remote cluster (default: `python` on the head's PATH).
+JOB_PYTHON_ENV = "QLORA_RAY_JOB_PYTHON"
 # Keys of the spec that may change between submissions of one experiment.
 _MUTABLE_KEYS = ("sweep", "resources", "output")
 # The Tune trial function only drives a Train run; it holds no CPU (Tune refuses an empty
@@ -148,22 +151,28 @@ class Storage:
     def write_json(self, rel: str, data: Dict[str, Any]) -> None:
         self.write_text(rel, json.dumps(data, indent=2, default=str) + "\n")
 
-    def upload(self, local_dir: Path, rel: str) -> None:
-        """Copy a local folder's contents to ``rel`` (files only; used when storage is a URI)."""
-        self.fs.create_dir(self.path(rel), recursive=True)
-        pafs.copy_files(str(local_dir), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+    def upload(self, local_dir: Path, rel: str, skip: tuple = ("checkpoints",)) -> None:
+        """Copy a local folder's files to ``rel`` (used when storage is a URI). The trial's own
+        checkpoints stay behind: Ray Train already keeps the ones that resume it in storage."""
+        for path in sorted(local_dir.rglob("*")):
+            name = path.relative_to(local_dir).as_posix()
+            if path.is_file() and not any(part in skip for part in name.split("/")[:-1]):
+                target = self.path(f"{rel}/{name}")
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                with self.fs.open_output_stream(target) as out:
+                    out.write(path.read_bytes())
 
-    def download(self, dest: Path, skip: tuple = (RAY_DIR, "adapter", "checkpoints")) -> Path:
-        """Mirror the experiment's files into ``dest``, minus folders named in ``skip`` (Ray's
-        state, adapters, checkpoints: the leaderboard needs none of them)."""
+    def download(self, dest: Path, rel: str = "", skip: tuple = (RAY_DIR, "adapter", "checkpoints")) -> Path:
+        """Mirror the experiment's files (or those under ``rel``) into ``dest``, minus folders
+        named in ``skip`` (Ray's state, adapters, checkpoints: the leaderboard needs none)."""
         dest.mkdir(parents=True, exist_ok=True)
-        selector = pafs.FileSelector(self.path(), recursive=True, allow_not_found=True)
+        top = self.path(rel)
+        selector = pafs.FileSelector(top, recursive=True, allow_not_found=True)
         for info in self.fs.get_file_info(selector):
-            rel = info.path[len(self.path()):].lstrip("/")
-            if info.type != pafs.FileType.File or any(part in skip for part in rel.split("/")[:-1]):
+            name = info.path[len(top):].lstrip("/")
+            if info.type != pafs.FileType.File or any(part in skip for part in name.split("/")[:-1]):
                 continue
-            target = dest / rel
+            target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(info.path) as src, open(target, "wb") as out:
                 out.write(src.read())
@@ -467,7 +476,11 @@ def _worker_loop(config: Dict[str, Any]) -> None:
     if storage.is_local_path:
         trial_dir = Path(storage.path(trial.id))
     else:
+        # A restarted worker may be on another node: start from what storage holds (its metric
+        # history, events), not from a stale local copy.
         trial_dir = Path(tempfile.gettempdir()) / "qlora-ray" / trial.spec.name / trial.id
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        storage.download(trial_dir, rel=trial.id)
     trial_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = ray.train.get_checkpoint()
     fault_step = config.get("fault_step")
@@ -856,10 +869,15 @@ def submit_detached(spec_path: Path, overrides: List[str], console, address: Opt
         if state.endswith(("PENDING", "RUNNING")):
             raise UserError(f"experiment '{spec.name}' is already running as job {previous['job_id']}; "
                             f"follow it with `qlora-ray status {spec.name}` (or stop it: ray job stop {previous['job_id']})")
-    args = [*overrides]
-    # The job re-reads the spec on the cluster, relative to the shipped project folder; the
-    # output folder is pinned to what this machine resolved (a URI, or the same path on the head).
-    args.append(f"output.dir={spec.output.dir}")
+    runtime_env: Dict[str, Any] = {"env_vars": {"RAY_AIR_NEW_OUTPUT": "0", "PYTHONUNBUFFERED": "1"}}
+    if local_cluster:
+        # Same machine, same files: the job reads the spec where it is; nothing to ship.
+        python, job_spec, args, shipped = shlex.quote(sys.executable), str(spec_path.resolve()), list(overrides), {}
+    else:
+        # The cluster's Python, which must have qlora-ray installed (the runtime/ configs do).
+        python = shlex.quote(os.environ.get(JOB_PYTHON_ENV, "python"))
+        job_spec, args, shipped = _ship(spec, spec_path, overrides)
+        runtime_env.update(shipped)
     if fresh:
         if local_cluster or not storage.is_local_path:
             moved = storage.move_aside()  # here, so job.json below lands in the new folder
@@ -867,32 +885,40 @@ def submit_detached(spec_path: Path, overrides: List[str], console, address: Opt
                 console.print(f"--fresh: moved the previous experiment to {moved}", highlight=False)
         else:
             args.append("--fresh")
-    root = project_root(spec_path.resolve().parent)
-    rel_spec = spec_path.resolve().relative_to(root)
-    python = shlex.quote(sys.executable) if local_cluster else "python"
-    entrypoint = " ".join([python, "-m", "qlora_ray", "submit", shlex.quote(str(rel_spec)),
+    entrypoint = " ".join([python, "-m", "qlora_ray", "submit", shlex.quote(job_spec),
                            *(shlex.quote(a) for a in args), "--address", "auto"])
-    excludes = [".git", ".venv", "venv", "runs", ".whl", "__pycache__", "*.egg-info", ".pytest_cache",
-                f"{RAY_DIR}/"]
-    out = Path(spec.output.dir)
-    if storage.is_local_path and out.resolve().is_relative_to(root):
-        excludes.append(str(out.resolve().relative_to(root)))
     submission_id = f"qlora-ray-{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
         job_id = client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id,
-            runtime_env={"working_dir": str(root), "excludes": excludes,
-                         "env_vars": {"RAY_AIR_NEW_OUTPUT": "0", "PYTHONUNBUFFERED": "1"}},
-            metadata={"qlora_ray_experiment": spec.name})
+            runtime_env=runtime_env, metadata={"qlora_ray_experiment": spec.name})
     except Exception as e:
         raise UserError(f"--detach: the cluster at {api} refused the job: {str(e).strip().splitlines()[0]}") from None
     record = {"job_id": job_id, "name": spec.name, "address": api, "submitted_at": _now(), "entrypoint": entrypoint,
-              "working_dir": str(root), "spec": str(rel_spec), "experiment": storage.root}
+              "working_dir": shipped.get("working_dir"), "spec": job_spec, "experiment": storage.root}
     storage.write_json(JOB_FILE, record)
     if not local_cluster and storage.is_local_path:
         console.print(f"note: the job writes {storage.root} on the cluster's head node; use a storage URI "
                       "(output.dir=s3://...) to read results from here", highlight=False)
     return record
+
+
+def _ship(spec: JobSpec, spec_path: Path, overrides: List[str]) -> tuple[str, List[str], Dict[str, Any]]:
+    """What a remote cluster gets (spec path there, its arguments, runtime_env): the project folder,
+    so relative paths in the spec resolve the same way there; or, for a spec outside any project,
+    only the resolved spec (absolute paths), never whatever folder it sits in (a home, say)."""
+    root = project_root(spec_path.resolve().parent)
+    if (root / "pyproject.toml").exists() or (root / ".git").exists():
+        excludes = [".git", ".venv", "venv", "runs", ".whl", "__pycache__", "*.egg-info", ".pytest_cache",
+                    f"{RAY_DIR}/"]
+        if not _is_uri(spec.output.dir) and Path(spec.output.dir).resolve().is_relative_to(root):
+            excludes.append(str(Path(spec.output.dir).resolve().relative_to(root)))
+        # The output folder is pinned to what this machine resolved: a URI, or that path on the head.
+        return (str(spec_path.resolve().relative_to(root)), [*overrides, f"output.dir={spec.output.dir}"],
+                {"working_dir": str(root), "excludes": list(dict.fromkeys(excludes))})
+    folder = Path(tempfile.mkdtemp(prefix="qlora-ray-job-"))
+    (folder / f"{spec.name}.yaml").write_text(to_yaml(spec), encoding="utf-8")  # overrides applied
+    return f"{spec.name}.yaml", [], {"working_dir": str(folder)}
 
 
 def job_status(record: Dict[str, Any]) -> Dict[str, Any]:

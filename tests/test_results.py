@@ -154,3 +154,17 @@ def test_results_command_unknown_experiment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(app, ["results", "nope"])
     assert out.exit_code == 2 and "no experiment 'nope'" in out.output
+
+
+def test_status_and_logs_of_a_foreground_experiment(exp):
+    """No job.json (not --detach): status shows each trial from its files; logs says where Ray's logs are."""
+    plan = json.loads((exp / "experiment.json").read_text())
+    (exp / "experiment.json").write_text(json.dumps({**plan, "ray_logs": "/tmp/ray/session_x/logs"}))
+    status = CliRunner().invoke(app, ["status", str(exp)], env={"COLUMNS": "200"})
+    assert status.exit_code == 0, status.output
+    assert "not a detached job" in status.output
+    assert "tiny-r4_lr1e-3" in status.output and "3/4" in status.output
+    logs = CliRunner().invoke(app, ["logs", str(exp)], env={"COLUMNS": "200"})
+    assert logs.exit_code == 0, logs.output
+    assert "/tmp/ray/session_x/logs" in logs.output
+    assert "tiny-r2_lr5e-3: failed: RuntimeError: CUDA out of memory" in logs.output

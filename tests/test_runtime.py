@@ -165,8 +165,13 @@ def test_storage_on_a_uri_and_moving_aside(tmp_path):
     src = tmp_path / "staging"
     (src / "adapter").mkdir(parents=True)
     (src / "adapter" / "w.bin").write_bytes(b"x" * 10)
+    (src / "checkpoints" / "step_3").mkdir(parents=True)
+    (src / "checkpoints" / "step_3" / "optimizer.pt").write_bytes(b"o")
     storage.upload(src, "t1")
     assert (tmp_path / "runs/exp/t1/adapter/w.bin").read_bytes() == b"x" * 10
+    assert not (tmp_path / "runs/exp/t1/checkpoints").exists()  # Ray Train keeps its own copies
+    staged = storage.download(tmp_path / "restaged", rel="t1")
+    assert (staged / "status.json").exists() and not (staged / "adapter").exists()
     mirror = storage.download(tmp_path / "mirror")
     assert (mirror / "t1" / "status.json").exists()
     moved = storage.move_aside()
