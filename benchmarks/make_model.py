@@ -36,11 +36,17 @@ def word_tokenizer():
                                    model_max_length=2048)
 
 
-def make(out: Path, tokenizer=None, layers: int = 22) -> Path:
+# A narrow 2-layer model for checking the benchmark scripts on a CPU (figures meaningless).
+SMOKE = dict(TINYLLAMA, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def make(out: Path, tokenizer=None, layers: int = 22, smoke: bool = False) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tokenizer or word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), **{**TINYLLAMA, "num_hidden_layers": layers},
+    shape = SMOKE if smoke else {**TINYLLAMA, "num_hidden_layers": layers}
+    config = LlamaConfig(vocab_size=len(tokenizer), **shape,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,13 +12,14 @@ the probe, on the node that runs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from qlora_ray.errors import UserError
 
@@ -133,6 +134,45 @@ def prepare_auth_env() -> None:
             sys.modules["ray._raylet"].Config.initialize("")
 
 
+LOOPBACK = "127.0.0.1"
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(address: Optional[str]) -> bool:
+    """``address`` is host:port on this machine's loopback (127.0.0.1, localhost, ::1)."""
+    if not address or "://" in address:
+        return False
+    host = address.rpartition(":")[0].strip("[]")
+    return host in _LOOPBACK_HOSTS
+
+
+@contextlib.contextmanager
+def loopback_node_ip(enabled: bool = True) -> Iterator[None]:
+    """While ``ray.init`` runs: keep a loopback address (127.0.0.1) as it is given.
+
+    On Linux Ray 2.60 replaces a loopback node address (``_node_ip_address="127.0.0.1"``,
+    ``ray start --node-ip-address 127.0.0.1``) and a loopback cluster address with the machine's
+    reachable IP (``services.resolve_ip_for_localhost``), so that other machines could join; it
+    keeps loopback only where multi-node clusters are off (``ray_constants.ENABLE_RAY_CLUSTER``,
+    False on macOS and Windows). For a local Ray of our own, or a cluster that lives on
+    127.0.0.1, that switch is turned off for the start-up (``get_node_ip_address`` is the only
+    reader there) and restored after.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # a Ray that moved it: connect as Ray would
+        ray_constants = None
+    if not enabled or ray_constants is None:
+        yield
+        return
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def _reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at host:port (ray.init would retry for long)."""
     if address == "auto":
@@ -156,7 +196,8 @@ def _connect(address: str) -> None:
     _reachable(address)
     prepare_auth_env()
     try:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        with loopback_node_ip(is_loopback(address)):  # else 127.0.0.1 would become this host's IP
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError, ValueError
         text = f"{type(e).__name__}: {e}".strip()
         token = ("a token is set here" if token_available()

@@ -13,8 +13,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +20,7 @@ from typing import Optional
 import torch
 
 from qlora_ray.errors import UserError
+from qlora_ray.files import publish_dir
 from qlora_ray.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec, ResourcesSpec
 
 log = logging.getLogger(__name__)
@@ -108,15 +107,9 @@ def _convert_gguf(gguf: Path, name: str, cache_dir: str) -> Path:
         config.name_or_path = str(final)
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fresh.load_state_dict(loaded.state_dict())
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
+        with publish_dir(final) as tmp:
             fresh.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 
@@ -234,19 +227,37 @@ def add_lora(model, spec: JobSpec):
     """Wrap the base in trainable LoRA adapters (peft) per ``spec.lora``; returns the peft model in train mode."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    gc = spec.train.gradient_checkpointing
-    gc_kwargs = {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif gc:
-        # transformers 5 renamed it; older releases only have the first name.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # Freezes the base and upcasts norms; checkpointing is switched on below, non-reentrant,
+        # which needs none of peft's input-grad hooks.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(spec.lora))
+    set_gradient_checkpointing(model, spec.train.checkpointing == "true")
     # from_pretrained returns eval mode, in which gradient checkpointing is silently skipped.
     model.train()
     return model
+
+
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Switch activation recomputation on or off (non-reentrant) for a peft-wrapped or plain model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed these; older releases only have the gradient_* names.
+    if hasattr(inner, "activation_checkpointing_enable"):
+        if on:
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif gradient_checkpointing_on(model):
+            inner.activation_checkpointing_disable()
+    elif on:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif gradient_checkpointing_on(model):
+        inner.gradient_checkpointing_disable()
+
+
+def gradient_checkpointing_on(model) -> bool:
+    """Whether activation recomputation is on."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "is_activation_checkpointing", None) or getattr(inner, "is_gradient_checkpointing", False))
 
 
 def lora_config(lora: LoraSpec):
@@ -263,19 +274,11 @@ def save_adapter(model, tokenizer, spec: JobSpec, out_dir: str | os.PathLike) ->
     from qlora_ray.spec import to_yaml
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with publish_dir(out) as tmp:
         # Embeddings are never saved: a grown vocabulary (pad token) is rebuilt deterministically.
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_SPEC_FILE).write_text(to_yaml(spec), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

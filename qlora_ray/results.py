@@ -59,6 +59,8 @@ class TrialRow:
     train_wall_s: Optional[float] = None
     trial_wall_s: Optional[float] = None
     attempts: Optional[int] = None
+    # trial_wall_s - train_wall_s split: worker_start_s, worker_setup_s, teardown_s (last run only).
+    overhead_parts: Optional[Dict[str, float]] = None
     dir: Optional[str] = None
     losses: List[tuple] = field(default_factory=list, repr=False)
 
@@ -177,7 +179,7 @@ def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRo
         tokens_per_s=_first(rows, "tokens_per_s"),
         peak_mem_gb=_first(rows, "peak_mem_gb"),
         train_wall_s=_first([final], "wall_s"),
-        trial_wall_s=status.get("trial_wall_s"),
+        trial_wall_s=status.get("trial_wall_s"), overhead_parts=status.get("overhead"),
         attempts=status.get("attempts"),
         dir=str(folder),
         losses=losses,
@@ -231,6 +233,8 @@ COLUMNS = [  # (key, header, format)
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("peak_mem_gb", "peak GiB", "{:.2f}"),
     ("trial_wall_s", "wall s", "{:.0f}"),
+    # Trial wall (as Ray ran it) minus fit()'s own wall: Ray Train start-up, worker, syncs.
+    ("overhead_s", "overhead s", "{:.0f}"),
 ]
 
 
@@ -283,6 +287,8 @@ def to_records(board: Leaderboard) -> List[Dict[str, Any]]:
                **{k: row.values.get(k) for k in board.sweep_keys}}
         rec.update({k: v for k, v in data.items() if k != "trial_id"})
         rec["overhead_s"] = row.overhead_s
+        for part, seconds in (rec.pop("overhead_parts") or {}).items():
+            rec[f"overhead_{part}"] = seconds
         records.append(rec)
     return records
 
@@ -312,7 +318,9 @@ def to_csv(board: Leaderboard) -> str:
     records = to_records(board)
     buf = io.StringIO()
     if records:
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+        # Union of keys in first-seen order: rows differ (a running trial has no overhead split).
+        fields = list(dict.fromkeys(key for rec in records for key in rec))
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)
     return buf.getvalue()

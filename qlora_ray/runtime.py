@@ -50,6 +50,7 @@ from ray import tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 
 from qlora_ray import results  # noqa: E402
+from qlora_ray.cluster import LOOPBACK, is_loopback, loopback_node_ip, prepare_auth_env  # noqa: E402
 from qlora_ray.errors import UserError  # noqa: E402
 from qlora_ray.plan import Trial, expand  # noqa: E402
 from qlora_ray.spec import URI_SCHEMES, JobSpec, load_spec, project_root, to_yaml  # noqa: E402
@@ -66,6 +67,9 @@ RESULT_FILE = "result.json"
 # Test hook: the worker SIGKILLs itself at this step on its first attempt (a marker file keeps
 # the retry alive). Read by the driver and passed to workers, so it works on any cluster.
 FAULT_ENV = "QLORA_RAY_TEST_KILL_AT_STEP"
+# Test hook: the Tune trial function of this trial id raises after stamping it running (a trial
+# driver that crashes, which Tune marks ERROR). Read by the driver, like FAULT_ENV.
+DRIVER_FAULT_ENV = "QLORA_RAY_TEST_CRASH_TRIAL"
 # The interpreter a --detach job runs on a remote cluster (default: `python` on the head's PATH).
 JOB_PYTHON_ENV = "QLORA_RAY_JOB_PYTHON"
 # Keys of the spec that may change between submissions of one experiment.
@@ -263,11 +267,10 @@ def connect(address: Optional[str] = None, dashboard: bool = True,
     if owned:
         common = dict(log_to_driver=False, logging_level=logging.WARNING)
         if address:
-            from qlora_ray.cluster import prepare_auth_env
-
             prepare_auth_env()
             try:
-                ctx = ray.init(address=address, **common)
+                with loopback_node_ip(is_loopback(address)):
+                    ctx = ray.init(address=address, **common)
             except Exception as e:  # ConnectionError, auth errors, bad address
                 raise UserError(f"--address {address}: cannot connect to Ray: "
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}\n"
@@ -293,11 +296,14 @@ def connect(address: Optional[str] = None, dashboard: bool = True,
 
 
 def _start_local(**kwargs):
+    """A new local Ray whose node address is 127.0.0.1: its GCS, raylet and workers register
+    the loopback address, nothing on this machine's network address."""
     # Ray waits a fixed 30 s for its raylet to register; on a busy 2-core laptop that can run
     # out, and a second start usually succeeds.
     for attempt in range(3):
         try:
-            return ray.init(address="local", **kwargs)
+            with loopback_node_ip():  # Ray would swap 127.0.0.1 for this machine's network IP
+                return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == 2:
                 raise
@@ -463,10 +469,12 @@ class Sweep:
     trials: Dict[str, Trial]
     baseline: Optional[str]
     fault_step: Optional[int] = None
+    crash_trial: Optional[str] = None
 
 
 def _worker_loop(config: Dict[str, Any]) -> None:
     """Runs in the Ray Train worker: resume from the last checkpoint, then ``train.fit``."""
+    entered = time.time()
     from qlora_ray import evaluate, train
 
     trial: Trial = config["trial"]
@@ -515,13 +523,18 @@ def _worker_loop(config: Dict[str, Any]) -> None:
                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                                 "resume_from": resume_from}) + "\n")
         baseline = evaluate.Baseline.from_json(config["baseline"]) if config.get("baseline") else None
+        fit_started = time.time()
         try:
-            train.fit(trial.spec, report, train.RunContext(trial_dir=str(trial_dir), resume_from=resume_from,
-                                                           baseline=baseline))
-        except (UserError, train.NonFiniteLossError) as e:
+            gpus = trial.spec.resources.gpus_per_trial
+            train.fit(trial.spec, report, train.RunContext(
+                trial_dir=str(trial_dir), resume_from=resume_from, baseline=baseline,
+                gpu_memory_fraction=gpus if 0 < gpus < 1 else None))
+        except (UserError, train.NonFiniteLossError, train.OutOfMemory) as e:
             # Deterministic: a retry would fail the same way. End the run with the reason instead
             # of raising (which would make Ray Train restart the worker max_failures times).
             final.update(done=False, error=f"{type(e).__name__}: {e}")
+    # Where the time outside train.fit goes (the trial function adds Ray's start-up and teardown).
+    final["timing"] = {"worker_entered": entered, "fit_started": fit_started, "fit_ended": time.time()}
     sync(full=True)
     # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
     # final report itself, so it travels through storage.
@@ -552,6 +565,8 @@ def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
               "total_steps": trial.spec.train.max_steps}
     storage.write_json(rel, status)
     storage.delete(f"{trial.id}/{RESULT_FILE}")  # only this run's final report counts
+    if sweep.crash_trial == trial.id:
+        raise RuntimeError(f"{DRIVER_FAULT_ENV}: the trial driver of {trial.id} crashed on purpose")
     per_worker = {"CPU": res.cpus_per_trial}
     if res.gpus_per_trial:
         per_worker["GPU"] = res.gpus_per_trial
@@ -581,11 +596,47 @@ def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
         error = _reason(e)
     # Wall time of the trial as Ray ran it, summed over submits when an earlier one was cut short.
-    wall = time.time() - start + (before.get("trial_wall_s") or 0.0)
+    ended = time.time()
+    wall = ended - start + (before.get("trial_wall_s") or 0.0)
+    timing = final.pop("timing", None)
+    if timing:
+        # This run's time outside train.fit: Ray starting the worker, the worker's imports and
+        # resume, and Ray tearing it down (retries fold into the first and last).
+        status["overhead"] = {"worker_start_s": round(timing["worker_entered"] - start, 2),
+                              "worker_setup_s": round(timing["fit_started"] - timing["worker_entered"], 2),
+                              "teardown_s": round(ended - timing["fit_ended"], 2)}
     status.update(status=results.FAILED if error else results.FINISHED, reason=error, ended_at=_now(),
                   trial_wall_s=round(wall, 2), attempts=_count_starts(storage, trial.id), result=final or None)
     storage.write_json(rel, status)
     tune.report({"trial_state": status["status"], "reason": error or ""})
+
+
+def stamp_failed(storage: Storage, trial_id: str, reason: str) -> Dict[str, Any]:
+    """Stamp ``status.json`` of a trial whose Tune trial errored: failed, with ``reason``. A
+    trial that had already ended (finished or failed, stamped by its own function) keeps that."""
+    rel = f"{trial_id}/{results.STATUS_FILE}"
+    status = storage.read_json(rel) or {"trial_id": trial_id}
+    if status.get("status") in (results.FINISHED, results.FAILED):
+        return status
+    status.update(status=results.FAILED, reason=reason, ended_at=_now(), attempts=_count_starts(storage, trial_id))
+    try:
+        storage.write_json(rel, status)
+    except OSError as e:  # a full disk, say: the progress line still says why
+        log.warning("cannot stamp %s failed: %s", rel, e)
+    return status
+
+
+def _tune_error(trial) -> str:
+    """Why Tune marked ``trial`` ERROR, in one line (from the error file Tune wrote for it)."""
+    text = None
+    with contextlib.suppress(Exception):
+        path = trial.error_file
+        if path and os.path.isfile(path):
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not text:
+        with contextlib.suppress(Exception):
+            text = trial.get_error()
+    return f"trial driver crashed: {_reason(text)}" if text else "trial driver crashed (see Ray logs)"
 
 
 def _count_starts(storage: Storage, trial_id: str) -> Optional[int]:
@@ -612,8 +663,10 @@ class Progress(tune.Callback):
     when a trial changes state and at most every ``every_s`` seconds while it trains.
     """
 
-    def __init__(self, trials: List[Trial], console, skipped: int = 0, every_s: float = 30.0):
+    def __init__(self, trials: List[Trial], console, skipped: int = 0, every_s: float = 30.0,
+                 exp: Optional[str] = None):
         self.trials = trials
+        self.exp = exp  # the experiment folder: a trial Tune marks ERROR is stamped failed there
         self.console = console
         self.skipped = skipped
         self.every_s = every_s
@@ -658,7 +711,11 @@ class Progress(tune.Callback):
             self._update(tid, state="finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._update(trial.config["trial_id"], state="failed", reason="trial driver crashed (see Ray logs)")
+        # The trial function raised or its process died, so it never stamped status.json itself.
+        tid = trial.config["trial_id"]
+        status = stamp_failed(Storage(self.exp), tid, _tune_error(trial)) if self.exp else {}
+        self._update(tid, state=status.get("status") or "failed",
+                     reason=status.get("reason") or "trial driver crashed (see Ray logs)")
 
     # -- rendering
     def __enter__(self):
@@ -755,11 +812,11 @@ def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline: Optio
     """The Tune grid over ``todo`` (one TorchTrainer per trial); returns when all have ended."""
     fault = os.environ.get(FAULT_ENV)
     sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo}, baseline=baseline,
-                  fault_step=int(fault) if fault else None)
+                  fault_step=int(fault) if fault else None, crash_trial=os.environ.get(DRIVER_FAULT_ENV) or None)
     limit = concurrency(spec, cluster, len(todo))
     console.print(f"running {len(todo)} trial(s), {limit} at a time"
                   + (f"; {skipped} already finished (skipped)" if skipped else ""), highlight=False)
-    progress = Progress(todo, console, skipped=skipped)
+    progress = Progress(todo, console, skipped=skipped, exp=storage.root)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), _DRIVER_RESOURCES),
         param_space={"trial_id": tune.grid_search([t.id for t in todo])},

@@ -27,6 +27,7 @@ DATA_FORMATS = ("auto", "messages", "alpaca", "prompt_response", "text")
 QUANT_MODES = ("nf4", "fp4", "int8", "none")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
+CHECKPOINTING = ("auto", "true", "false")
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
 # GPUs without bf16 support (compute capability < 8.0) that people rent for QLoRA.
 NO_BF16_ACCELERATORS = ("T4", "V100", "P100", "K80", "P4")
@@ -130,10 +131,17 @@ class TrainSpec:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     optimizer: str = _f("auto", "auto (paged 8-bit AdamW on CUDA, AdamW on CPU), adamw, adamw_8bit, paged_adamw_8bit.")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: str = _f(
+        "true", "Recompute activations in backward to save memory: true, false, or auto (off, and "
+        "switched on for the rest of the trial if a step runs out of GPU memory).")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps (and at the end).")
     log_every: int = _f(5, "Report metrics every N optimizer steps.")
     seed: int = _f(42, "Seed for initialization, dropout and data order.")
+
+    @property
+    def checkpointing(self) -> str:
+        """``gradient_checkpointing`` as one of auto, true, false (YAML booleans arrive as 'True')."""
+        return str(self.gradient_checkpointing).lower()
 
     def problems(self) -> Iterator[Problem]:
         if not 0.0 < self.lr < 1.0:
@@ -147,6 +155,8 @@ class TrainSpec:
             yield "max_steps", f"must be >= 1 when set, got {self.max_steps}"
         if not 0.0 <= self.warmup_ratio < 1.0:
             yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
+        if str(self.gradient_checkpointing).lower() not in CHECKPOINTING:
+            yield "gradient_checkpointing", f"'{self.gradient_checkpointing}' is not one of {', '.join(CHECKPOINTING)}"
         if self.scheduler not in SCHEDULERS:
             yield "scheduler", f"'{self.scheduler}' is not one of {', '.join(SCHEDULERS)}"
         if self.optimizer not in OPTIMIZERS:
@@ -176,7 +186,8 @@ class EvalSpec:
 
 @dataclass
 class ResourcesSpec:
-    gpus_per_trial: float = _f(1.0, "GPUs per trial worker (0 trains on the CPU).")
+    gpus_per_trial: float = _f(1.0, "GPUs per trial worker: 0 trains on the CPU; a fraction such as 0.25 runs "
+                                    "several trials on one GPU, each capped at that share of its memory.")
     cpus_per_trial: float = _f(1.0, "CPUs per trial worker.")
     accelerator_type: Optional[str] = _f(None, "Ray accelerator type the worker needs, e.g. T4, A100.")
     max_concurrent_trials: int = _f(0, "Trials run at once; 0 picks from the cluster's GPUs (or CPUs).")

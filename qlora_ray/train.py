@@ -21,13 +21,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,8 +36,10 @@ import torch
 
 from qlora_ray import data
 from qlora_ray.errors import UserError
+from qlora_ray.files import publish_dir
 from qlora_ray.evaluate import Baseline, measure, token_loss, write_samples
-from qlora_ray.model import add_lora, compute_dtype_of, device_of, load_base, save_adapter
+from qlora_ray.model import (add_lora, compute_dtype_of, device_of, gradient_checkpointing_on, load_base,
+                             save_adapter, set_gradient_checkpointing)
 from qlora_ray.spec import JobSpec, TrainSpec, to_yaml
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class RunContext:
     resume_from: Optional[str] = None   # a checkpoint folder (checkpoints/step_<N>)
     baseline: Optional[Baseline] = None  # base-model figures; measured here when None
     progress: bool = False               # a progress bar on stderr
+    # Share of the GPU's memory this process may take (several trials on one GPU): beyond it
+    # a step runs out of memory here instead of starving its neighbours.
+    gpu_memory_fraction: Optional[float] = None
 
 
 @dataclass
@@ -89,6 +92,7 @@ class FitResult:
     train_s: float
     adapter_dir: str
     samples_file: Optional[str]
+    gradient_checkpointing: bool = False  # on at the end (``auto`` switches it on after an out-of-memory step)
     done: bool = True
 
     def metrics(self) -> Dict:
@@ -128,6 +132,8 @@ def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
     _seed(t.seed)
     model = add_lora(model, spec)
     device = device_of(model)
+    if device.type == "cuda" and run.gpu_memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(run.gpu_memory_fraction, device)
     checkpoint = find_checkpoint(run.resume_from, trial_dir)
     if run.baseline is None:
         say(f"measuring the base model on {len(prepared.eval)} eval examples ...")
@@ -165,8 +171,8 @@ def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
             tick = time.perf_counter()
             group = [batches[j] for j in range(state.batch, min(state.batch + t.grad_accum, epoch_len))]
             lr = scheduler.get_last_lr()[0]
-            loss_sum, targets, tokens = _step(model, group, optimizer, scheduler, scaler, params, t,
-                                              state.step + 1, pad_id)
+            loss_sum, targets, tokens = _step_with_fallback(model, group, optimizer, scheduler, scaler,
+                                                            params, t, state.step + 1, pad_id, say)
             _sync(device)
             elapsed = time.perf_counter() - tick
             state.step += 1
@@ -208,11 +214,45 @@ def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
         eval_tokens=tuned.target_tokens,
         tokens_per_s=state.tokens / state.train_s if state.train_s else 0.0,
         peak_mem_gb=peak_memory_gb(device), wall_s=now_wall(), train_s=state.train_s,
-        adapter_dir=str(adapter_dir), samples_file=samples)
+        adapter_dir=str(adapter_dir), samples_file=samples, gradient_checkpointing=gradient_checkpointing_on(model))
     final = {**result.metrics(), "epoch": round(state.epoch + state.batch / max(1, epoch_len), 4)}
     _append(trial_dir / METRICS_FILE, final)
     report(final, None)
     return result
+
+
+class OutOfMemory(RuntimeError):
+    """A step ran out of GPU memory with activation recomputation already on."""
+
+    def __init__(self, step: int, error: BaseException):
+        super().__init__(
+            f"step {step}: out of GPU memory with gradient checkpointing on ({str(error).splitlines()[0]}). "
+            "Lower train.batch_size (raise train.grad_accum to keep the step size) or data.max_seq_len, "
+            "or give each trial more of a GPU (resources.gpus_per_trial).")
+
+
+def _step_with_fallback(model, group, optimizer, scheduler, scaler, params, t: TrainSpec, step: int,
+                        pad_id: int, say) -> tuple:
+    """``_step``; with ``gradient_checkpointing: auto``, a step that runs out of GPU memory is
+    retried once with checkpointing switched on, which stays on for the rest of the run."""
+    try:
+        return _step(model, group, optimizer, scheduler, scaler, params, t, step, pad_id)
+    except torch.OutOfMemoryError as e:
+        if t.checkpointing != "auto" or gradient_checkpointing_on(model):
+            raise OutOfMemory(step, e) from None
+        message = str(e).splitlines()[0]
+    # Outside the handler, so the failed step's tensors (held by the traceback) are freed first.
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    log.warning("step %d ran out of GPU memory (%s); gradient checkpointing is on from now on", step, message)
+    say(f"step {step}: out of GPU memory without gradient checkpointing; retrying with it on")
+    set_gradient_checkpointing(model, True)
+    if torch.cuda.is_available():  # the failed attempt's peak is not what the run needs from here on
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        return _step(model, group, optimizer, scheduler, scaler, params, t, step, pad_id)
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(step, e) from None
 
 
 def _step(model, group: List[dict], optimizer, scheduler, scaler, params, t: TrainSpec, step: int,
@@ -306,34 +346,51 @@ def build_scheduler(optimizer, t: TrainSpec, total: int):
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(trial_dir: Path, state: _State, model, optimizer, scheduler, scaler) -> Path:
-    """Write ``checkpoints/step_<N>/`` atomically (temp folder, manifest, rename); keep the newest two."""
+    """Write ``checkpoints/step_<N>/`` atomically (temp folder, manifest, rename); keep the newest two.
+
+    Every file is serialized in memory and written with plain Python I/O, so a full disk is an
+    ``OSError`` with its errno (torch's own writer reports it as ``unexpected pos``). A full
+    disk or quota raises :class:`~qlora_ray.errors.DiskFullError` saying where; whatever fails,
+    the temp folder is removed and the earlier checkpoints are left as they were.
+    """
+    import io
+
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
+
+    def write(path: Path, blob) -> None:
+        with open(path, "wb") as f:
+            f.write(blob)
+
+    def write_torch(obj, path: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        write(path, buffer.getbuffer())
 
     root = trial_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{state.step}.", dir=root))
     try:
-        # Adapter weights only: peft would add the (tied) embeddings when the vocabulary grew
-        # by a pad token; load_base rebuilds those rows deterministically.
-        adapter = get_peft_model_state_dict(model, save_embedding_layers=False)
-        weights = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
-        save_file(weights, str(tmp / "adapter_model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with publish_dir(final) as tmp:
+            # Adapter weights only: peft would add the (tied) embeddings when the vocabulary grew
+            # by a pad token; load_base rebuilds those rows deterministically.
+            adapter = get_peft_model_state_dict(model, save_embedding_layers=False)
+            weights = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
+            write(tmp / "adapter_model.safetensors", safetensors_bytes(weights))
+            write_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            write_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                write_torch(scaler.state_dict(), tmp / "scaler.pt")
+            write_torch(_rng_state(), tmp / "rng.pt")
+            write(tmp / "state.json", json.dumps(asdict(state), indent=1).encode("utf-8"))
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            write(tmp / MANIFEST, json.dumps({"step": state.step, "files": files}, indent=1).encode("utf-8"))
+    except BaseException as e:
+        from qlora_ray.errors import disk_full_error
+
+        full = disk_full_error(e, f"checkpoint step_{state.step}", root)
+        if full is None:
+            raise
+        raise full from e
     for old in checkpoints(trial_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -368,20 +425,34 @@ def checkpoint_problem(path) -> Optional[str]:
 
 
 def find_checkpoint(resume_from: Optional[str], trial_dir: Path) -> Optional[Path]:
-    """The checkpoint to resume from: ``resume_from`` if sound, else the newest sound one in the
-    trial's ``checkpoints/`` at or below its step (with a warning); None to start fresh."""
+    """The checkpoint to resume from, or None to start fresh.
+
+    ``resume_from`` (what Ray Train hands back) when it is sound and the trial's ``checkpoints/``
+    holds nothing newer. After a driver kill Ray can hand back an older checkpoint than the
+    worker last wrote (its record lags the reports), so the newest sound checkpoint in the trial
+    folder with a higher step wins, provided ``metrics.jsonl`` has that step's row (the row is
+    written right after the checkpoint; without it the history would have a gap). When
+    ``resume_from`` is unusable: the newest sound one in the trial folder (with warnings).
+    """
     if not resume_from:
         return None
-    problem = checkpoint_problem(resume_from)
+    given = Path(resume_from)
+    problem = checkpoint_problem(given)
+    step = _checkpoint_step(given)
+    newer = _newest_sound(trial_dir, above=step, skip=given) if step is not None else None
     if problem is None:
-        return Path(resume_from)
-    limit = _step_of(Path(resume_from))
-    log.warning("checkpoint %s is unusable: %s; looking for an earlier one", resume_from, problem)
+        if newer is not None:
+            log.warning("checkpoint %s (step %d) is older than %s in the trial folder; resuming from that one",
+                        resume_from, step, newer)
+            return newer
+        return given
+    log.warning("checkpoint %s is unusable: %s; looking for another one", resume_from, problem)
+    if newer is not None:
+        log.warning("resuming from the newer checkpoint %s instead", newer)
+        return newer
     for candidate in reversed(checkpoints(trial_dir)):
-        if Path(candidate).resolve() == Path(resume_from).resolve():
-            continue
-        if limit is not None and _step_of(candidate) > limit:
-            continue
+        if candidate.resolve() == given.resolve() or (step is not None and _step_of(candidate) > step):
+            continue  # the same folder, or newer ones _newest_sound already turned down
         other = checkpoint_problem(candidate)
         if other is None:
             log.warning("resuming from the earlier checkpoint %s instead", candidate)
@@ -389,6 +460,57 @@ def find_checkpoint(resume_from: Optional[str], trial_dir: Path) -> Optional[Pat
         log.warning("checkpoint %s is unusable too: %s", candidate, other)
     log.warning("no usable checkpoint; training starts from step 0")
     return None
+
+
+def _checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a checkpoint folder: from its name (``step_<N>``), else from its manifest or
+    state (Ray Train's copies are named ``checkpoint_<index>``)."""
+    step = _step_of(path)
+    if step is not None:
+        return step
+    for name, key in ((MANIFEST, "step"), ("state.json", "step")):
+        try:
+            value = json.loads((path / name).read_text(encoding="utf-8"))[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _newest_sound(trial_dir: Path, above: int, skip: Path) -> Optional[Path]:
+    """The newest sound checkpoint of the trial folder with a step above ``above`` whose step
+    has its row in ``metrics.jsonl`` (when there is one), or None."""
+    candidates = [c for c in checkpoints(trial_dir) if _step_of(c) > above and c.resolve() != skip.resolve()]
+    if not candidates:
+        return None
+    logged = _logged_steps(Path(trial_dir))
+    for candidate in reversed(candidates):
+        if logged is not None and _step_of(candidate) not in logged:
+            log.warning("checkpoint %s has no row in %s (cut off while being recorded); not resuming from it",
+                        candidate, METRICS_FILE)
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        log.warning("checkpoint %s is unusable: %s", candidate, problem)
+    return None
+
+
+def _logged_steps(trial_dir: Path) -> Optional[set]:
+    """Steps with a (non-final) row in the trial's ``metrics.jsonl``; None when there is no file."""
+    path = trial_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    steps = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and not row.get("done") and isinstance(row.get("step"), int):
+            steps.add(row["step"])
+    return steps
 
 
 def latest_checkpoint(trial_dir) -> Optional[Path]:

@@ -6,6 +6,10 @@ test can kill a worker node while a sweep runs against it. The child gets its ow
 the cluster's sessions and its ``ray_current_cluster`` file stay out of /tmp/ray, where other
 Ray programs on the machine would otherwise find it with ``ray.init()`` or ``address="auto"``.
 
+Every node's address is 127.0.0.1 (``node_ip_address``, the ``--node-ip-address`` of ``ray start``,
+which Ray keeps as given here), so the cluster listens on loopback only and ``address`` is
+``127.0.0.1:<port>``; clients keep that address (``qlora_ray.cluster.loopback_node_ip``).
+
 Token auth is on (``RAY_AUTH_MODE=token`` with a token made for this cluster) unless
 ``token=None``; clients reach it with ``env()``. Ray's session logs live under ``tmp_dir``
 and are deleted on exit unless QLORA_RAY_KEEP_CLUSTER_LOGS is set.
@@ -149,8 +153,13 @@ def _serve() -> None:
                     raise
                 print(f"node start timed out, retrying ({e})", file=sys.stderr, flush=True)
 
+    # Every node registers 127.0.0.1 (Ray would otherwise take this machine's network address and
+    # listen there): the cluster is reachable from this machine only. Node() keeps the address
+    # as given; clients connecting to 127.0.0.1:port keep it too (qlora_ray.cluster.loopback_node_ip).
+    loopback = {"node_ip_address": "127.0.0.1"}
+
     def start_head(args):
-        return Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **args})
+        return Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **loopback, **args})
 
     cluster, nodes = None, {}
     for line in sys.stdin:
@@ -161,13 +170,13 @@ def _serve() -> None:
                 cluster = retry(lambda: start_head(message["head"]))
                 nodes[0] = cluster.head_node
                 for args in message["workers"]:
-                    nodes[len(nodes)] = retry(lambda: cluster.add_node(**args))
+                    nodes[len(nodes)] = retry(lambda: cluster.add_node(**loopback, **args))
                 cluster.wait_for_nodes(timeout=120)
                 reply = {"address": cluster.address,
                          "nodes": {i: n.node_id for i, n in nodes.items()}}
             elif message["op"] == "add":
                 index = max(nodes) + 1
-                nodes[index] = retry(lambda: cluster.add_node(**message["args"]))
+                nodes[index] = retry(lambda: cluster.add_node(**loopback, **message["args"]))
                 reply = {"index": index, "node_id": nodes[index].node_id}
             elif message["op"] == "remove":
                 cluster.remove_node(nodes.pop(message["index"]), allow_graceful=message["graceful"])

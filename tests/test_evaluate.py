@@ -183,3 +183,38 @@ def test_merge_writes_a_plain_model_within_tolerance(trial, tmp_path):
     assert merged.dtype == torch.bfloat16 and not any("lora" in n for n, _ in merged.named_parameters())
     again = CliRunner().invoke(app, ["merge", str(folder), str(out_dir)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_token_loss_head_on_targets_only_matches_full_logits(loaded, monkeypatch):
+    """The output head and fp32 cross-entropy run only on target rows, in checkpointed chunks; the
+    summed loss and the LoRA gradients equal the plain full-logits computation."""
+    from qlora_ray.model import add_lora
+
+    _, tokenizer, prepared, spec = loaded
+    model, _ = load_base(spec)
+    model = add_lora(model, spec)
+    batch = next(iter(data.train_batches(prepared, spec.data, 4, 0, 0)))
+
+    def full_logits_loss():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        mask = batch["labels"][:, 1:] != -100
+        return F.cross_entropy(logits[:, :-1][mask].float(), batch["labels"][:, 1:][mask], reduction="sum")
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(0)
+    expected = full_logits_loss()
+    expected_grads = grads(expected)
+    monkeypatch.setattr(evaluate, "CE_CHUNK", 7)  # several chunks, the last one partial
+    torch.manual_seed(0)
+    loss, count = evaluate.token_loss(model, batch)
+    assert count == int((batch["labels"][:, 1:] != -100).sum()) > 7
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    got = grads(loss)
+    assert got.keys() == expected_grads.keys() and got
+    for name, g in got.items():
+        torch.testing.assert_close(g, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -413,13 +413,14 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 @pytest.mark.slow
 def test_full_disk_fails_the_trial_clearly_and_loses_nothing_else(pool, tiny_spec_file, record):
     """One trial's folder is a 64 KiB tmpfs (room for its small files, not for a checkpoint): its
-    first checkpoint hits ENOSPC. That trial fails with a message that says so, the other trial
+    first checkpoint hits ENOSPC. That trial fails at once with a message that says so and where
+    (status.json, leaderboard, submit's exit line), leaving no temp folder; the other trial
     finishes, the experiment and leaderboard are intact; after the disk grows, a re-submit
     finishes the failed trial and only that one."""
     _ensure_two_t4(pool)
     name = "diskfull"
-    spec = _spec(tiny_spec_file, name, "{lora.r: [4, 8]}",
-                 resources="max_failures: 0")
+    # resources.max_failures stays 2: a full disk must fail the trial at once all the same.
+    spec = _spec(tiny_spec_file, name, "{lora.r: [4, 8]}")
     exp = tiny_spec_file.parent / "runs" / name
     small, other = exp / f"{name}-r4", exp / f"{name}-r8"
     if not _mount_tmpfs(small, "64k"):
@@ -433,6 +434,11 @@ def test_full_disk_fails_the_trial_clearly_and_loses_nothing_else(pool, tiny_spe
         assert status["status"] == "failed", (status, out[-4000:])
         reason = status["reason"]
         failed_at = max(_steps(small) or [0])
+        checkpoint_step = failed_at + 1  # the row of a checkpoint step comes after the checkpoint
+        assert reason == (f"DiskFullError: no space left on device while writing checkpoint step_{checkpoint_step} "
+                          f"to {small / 'checkpoints'}: free space there or point output.dir elsewhere"), reason
+        assert status["attempts"] == 1  # not retried (a retry on the same full disk fails the same way)
+        assert f"{small.name} failed: {reason}" in out  # submit's exit line names it
         board = _board(exp)
         by_id = {t["trial_id"]: t for t in board["trials"]}
         assert by_id[other.name]["status"] == "finished" and (other / "adapter").is_dir()
@@ -452,16 +458,11 @@ def test_full_disk_fails_the_trial_clearly_and_loses_nothing_else(pool, tiny_spe
         assert "running 1 trial(s)" in again_out and "1 already finished (skipped)" in again_out
         assert [t["status"] for t in _board(exp)["trials"]] == ["finished", "finished"]
         assert (other / "metrics.jsonl").read_bytes() == other_before
-        clear = "No space left on device" in reason
         record({
             "fault": "disk full under one trial (64 KiB tmpfs)", "simulated_with": "tmpfs mount (root)",
-            "failed_at_step": failed_at + 1, "failed_trial_reason": reason, "reason_is_clear": clear,
-            "other_trial": "finished", "steps_lost": failed_at + 1,  # no checkpoint: restarts at 0
+            "failed_at_step": checkpoint_step, "failed_trial_reason": reason, "reason_is_clear": True,
+            "other_trial": "finished", "steps_lost": checkpoint_step,  # no checkpoint: restarts at 0
             "seconds_resubmit_to_done": round(time.time() - t0, 1), "recovered": True,
         })
-        if not clear:
-            # Everything else held; the one gap is the message (see the report to train.py's owners).
-            pytest.xfail(f"a full disk is reported as {reason!r}: save_checkpoint should say "
-                         "'No space left on device' and where")
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)

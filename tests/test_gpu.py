@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -48,3 +50,24 @@ def test_submit_places_the_trial_on_the_gpu(tiny_spec_file):
     for row in board.rows:
         assert row.status == FINISHED, row
         assert 0 < row.peak_mem_gb < T4_GIB
+
+
+def test_fractional_gpus_run_trials_side_by_side(tiny_spec_file):
+    """``gpus_per_trial: 0.5``: both trials of the grid share the one GPU at the same time."""
+    import json
+    from datetime import datetime
+
+    result = CliRunner().invoke(app, ["submit", str(tiny_spec_file), "resources.gpus_per_trial=0.5",
+                                      "resources.cpus_per_trial=1", "quantization.compute_dtype=fp16",
+                                      "sweep={lora.r: [2, 4]}", "--no-dashboard"])
+    assert result.exit_code == 0, result.output
+    assert "2 at a time" in result.output
+    spec = load_spec(tiny_spec_file)
+    board = read_leaderboard(spec.experiment_dir)
+    spans = []
+    for row in board.rows:
+        assert row.status == FINISHED, row
+        status = json.loads((Path(spec.experiment_dir) / row.trial_id / "status.json").read_text())
+        spans.append([datetime.fromisoformat(status[k]).timestamp() for k in ("started_at", "ended_at")])
+    (a_start, a_end), (b_start, b_end) = spans
+    assert a_start < b_end and b_start < a_end  # the two trials overlapped in time

@@ -84,6 +84,10 @@ def test_files_written_and_best_link(exp):
     assert "| 1 | tiny-r4_lr5e-3 | 4 | 0.005 | 40.00 | 25.00 | -37.5% |" in md
     assert "## Failed trials" in md and "- `tiny-r2_lr5e-3`: RuntimeError: CUDA out of memory" in md
     assert "Best: `tiny-r4_lr5e-3`" in md
+    # Ray's overhead per trial (trial wall 33 s - fit's wall 20 s) is a column of the table.
+    assert "| wall s | overhead s | status |" in md
+    assert "| 1.50 | 33 | 13 | finished |" in md
+    assert "| 1.50 | 35 | 15 | finished |" in md
 
     rows = list(csv.DictReader(io.StringIO((exp / "leaderboard.csv").read_text())))
     assert [r["trial_id"] for r in rows] == [r.trial_id for r in board.rows]
@@ -168,3 +172,21 @@ def test_status_and_logs_of_a_foreground_experiment(exp):
     assert logs.exit_code == 0, logs.output
     assert "/tmp/ray/session_x/logs" in logs.output
     assert "tiny-r2_lr5e-3: failed: RuntimeError: CUDA out of memory" in logs.output
+
+
+def test_overhead_split_reaches_csv_and_json_even_when_only_some_trials_have_it(exp):
+    """status.json's overhead split (Ray start, worker setup, teardown) becomes flat columns; rows
+    without one (running, pending, older runs) leave them empty instead of breaking the CSV."""
+    status_path = exp / "tiny-r2_lr1e-3" / "status.json"
+    status = json.loads(status_path.read_text())
+    status["overhead"] = {"worker_start_s": 9.5, "worker_setup_s": 4.0, "teardown_s": 1.5}
+    status_path.write_text(json.dumps(status))
+    results.write_leaderboard(exp, with_plot=False)
+    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO((exp / "leaderboard.csv").read_text()))}
+    split = rows["tiny-r2_lr1e-3"]
+    assert (float(split["overhead_worker_start_s"]), float(split["overhead_worker_setup_s"]),
+            float(split["overhead_teardown_s"])) == (9.5, 4.0, 1.5)
+    assert rows["tiny-r4_lr5e-3"]["overhead_worker_start_s"] == ""  # first row has none: still a column
+    data = json.loads((exp / "leaderboard.json").read_text())
+    first = next(t for t in data["trials"] if t["trial_id"] == "tiny-r2_lr1e-3")
+    assert first["overhead_teardown_s"] == 1.5 and "overhead_parts" not in first

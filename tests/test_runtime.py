@@ -154,7 +154,104 @@ def test_killed_worker_on_a_t4_node_resumes_from_its_checkpoint(tiny_spec_file, 
     assert not (exp.parent / "lacking").exists()  # refused before anything was written
 
 
+NAN_ALPHA = 10**30  # LoRA scale 2.5e29: the first step's gradient norm overflows (a real inf, no mock)
+
+
+def test_trials_that_cannot_finish_fail_at_once_and_submit_exits_1(tiny_spec_file):
+    """Two trials through a real local Ray, neither able to finish. One's gradient norm is inf at
+    step 1: deterministic, so Ray Train must not restart it although resources.max_failures is 2.
+    The other's Tune trial function crashes (test hook), which Tune marks ERROR: the driver stamps
+    its status.json failed with the reason. Both are failed with their reasons in status.json and
+    the leaderboard, and submit exits 1 with one line naming both."""
+    from qlora_ray.runtime import DRIVER_FAULT_ENV
+
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    nan_id, crash_id = f"tiny-alpha{NAN_ALPHA}", "tiny-alpha8"
+    proc = _submit(tiny_spec_file, f"sweep={{lora.alpha: [8, {NAN_ALPHA}]}}", *FAST, "--no-dashboard",
+                   env={DRIVER_FAULT_ENV: crash_id})
+    assert proc.returncode == 1, _out(proc)
+
+    nan = json.loads((exp / nan_id / "status.json").read_text())
+    assert nan["status"] == "failed", nan
+    assert nan["reason"].startswith("NonFiniteLossError: step 1: training gradient norm is inf"), nan
+    assert nan["attempts"] == 1  # one worker start: no retry
+    assert len(_rows(exp / nan_id / "events.jsonl")) == 1
+    crash = json.loads((exp / crash_id / "status.json").read_text())
+    assert crash["status"] == "failed", crash
+    assert crash["reason"] == (f"trial driver crashed: RuntimeError: {DRIVER_FAULT_ENV}: the trial driver of "
+                               f"{crash_id} crashed on purpose"), crash
+    assert crash["ended_at"] and not (exp / crash_id / "events.jsonl").exists()  # no Train worker started
+
+    board = json.loads((exp / "leaderboard.json").read_text())
+    assert {t["trial_id"]: (t["status"], t["reason"]) for t in board["trials"]} == {
+        nan_id: ("failed", nan["reason"]), crash_id: ("failed", crash["reason"])}
+    assert f"[  failed] {crash_id}  trial driver crashed: RuntimeError" in proc.stdout
+    exit_line = next(line for line in proc.stderr.splitlines() if "did not finish" in line)
+    assert exit_line.startswith("2 of 2 trial(s) did not finish: ")
+    assert f"{nan_id} failed: NonFiniteLossError: step 1" in exit_line
+    assert f"{crash_id} failed: trial driver crashed: RuntimeError" in exit_line
+
+
+def test_local_ray_registers_and_listens_on_loopback_only():
+    """The embedded Ray's node address is 127.0.0.1 (Ray would take this machine's network IP
+    even for _node_ip_address="127.0.0.1"), its dashboard too, and its processes listen on no
+    other address."""
+    code = """
+import json, os, subprocess, ray
+from qlora_ray import runtime
+with runtime.connect() as cluster:
+    pids = {str(p) for p in [os.getpid()]}
+    for _ in range(3):  # the driver's Ray processes and theirs
+        pids |= {c for p in list(pids) for c in subprocess.run(["pgrep", "-P", p], capture_output=True,
+                                                               text=True).stdout.split()}
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    listening = sorted({l.split()[3] for l in ss if any(f"pid={p}," in l for p in pids)})
+    print(json.dumps({"nodes": [n["NodeManagerAddress"] for n in ray.nodes()], "dashboard": cluster.dashboard_url,
+                      "task": ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()),
+                      "listening": listening}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, _out(proc)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["nodes"] == ["127.0.0.1"] and seen["task"] == "127.0.0.1", seen
+    assert seen["dashboard"].startswith("http://127.0.0.1:"), seen
+    hosts = {addr.rsplit(":", 1)[0] for addr in seen["listening"]}
+    assert hosts and hosts <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, seen["listening"]
+
+
 # ---------------------------------------------------------------- no Ray needed
+
+def test_submit_exit_status_names_the_trials_that_did_not_finish(tiny_spec_file, monkeypatch):
+    """`qlora-ray submit` exits 0 only when every trial of the spec finished; else 1, with one
+    line naming each trial that did not and why (rows an earlier, wider sweep left do not count)."""
+    from typer.testing import CliRunner
+
+    from qlora_ray import results, runtime
+    from qlora_ray.cli import app
+
+    def row(tid, status, reason=None):
+        return results.TrialRow(trial_id=tid, values={"lora.r": int(tid.rsplit("r", 1)[1])}, status=status,
+                                reason=reason, eval_ppl=3.0 if status == "finished" else None)
+
+    board = results.Leaderboard(name="tiny", sweep_keys=["lora.r"], rows=[
+        row("tiny-r2", "finished"), row("tiny-r4", "failed", "NonFiniteLossError: step 1: training loss is nan"),
+        row("tiny-r8", "stopped", "interrupted"), row("tiny-r16", "failed", "from an earlier sweep")])
+    monkeypatch.setattr(runtime, "submit", lambda *args, **kwargs: (board, str(tiny_spec_file.parent / "runs/tiny")))
+    runner = CliRunner()
+    sweep = "sweep={lora.r: [2, 4, 8]}"
+    result = runner.invoke(app, ["submit", str(tiny_spec_file), sweep])
+    assert result.exit_code == 1, result.output
+    assert ("2 of 3 trial(s) did not finish: tiny-r4 failed: NonFiniteLossError: step 1: training loss is nan; "
+            "tiny-r8 stopped: interrupted") in result.stderr
+    assert "tiny-r16" not in result.stderr
+
+    board.rows = [row("tiny-r2", "finished"), row("tiny-r4", "finished"), row("tiny-r8", "finished"),
+                  row("tiny-r16", "failed", "from an earlier sweep")]
+    result = runner.invoke(app, ["submit", str(tiny_spec_file), sweep])
+    assert result.exit_code == 0, result.output
+    assert "did not finish" not in result.output
+
 
 def test_storage_on_a_uri_and_moving_aside(tmp_path):
     """The same Storage code serves s3:// and gs://; file:// exercises it without a network."""
@@ -249,6 +346,12 @@ def test_smoke_job_sweep_through_local_ray(smollm2_gguf, tmp_path):
     board = json.loads((tmp_path / "runs" / "hinglish_smoke" / "leaderboard.json").read_text())
     assert [t["status"] for t in board["trials"]] == ["finished", "finished"]
     assert all(t["eval_ppl"] < t["base_ppl"] for t in board["trials"]), "QLoRA did not lower perplexity"
+    # The base model is measured once (baseline.json) and every trial is compared with it.
+    assert len({t["base_ppl"] for t in board["trials"]}) == 1 and board["base_ppl"] == board["trials"][0]["base_ppl"]
+    # Ray's share of each trial: its wall time as the runtime saw it minus fit()'s own wall time.
+    for t in board["trials"]:
+        assert t["overhead_s"] is not None and t["overhead_s"] >= 0, t
+        assert t["overhead_s"] == pytest.approx(t["trial_wall_s"] - t["train_wall_s"])
     print(f"\n$ qlora-ray submit jobs/hinglish_smoke.yaml {' '.join(SMOKE_OVERRIDES)} output.dir=...")
     print(f"wall time: {wall:.0f}s")
     print(proc.stdout[proc.stdout.index("# hinglish_smoke"):])

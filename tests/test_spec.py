@@ -148,6 +148,7 @@ BAD = [
     ("batch zero", {"train": {"batch_size": 0}}, "train.batch_size", ">= 1"),
     ("warmup one", {"train": {"warmup_ratio": 1.0}}, "train.warmup_ratio", "[0, 1)"),
     ("bad scheduler", {"train": {"scheduler": "step"}}, "train.scheduler", "not one of"),
+    ("bad checkpointing", {"train": {"gradient_checkpointing": "sometimes"}}, "train.gradient_checkpointing", "not one of"),
     ("negative gpus", {"resources": {"gpus_per_trial": -1}}, "resources.gpus_per_trial", ">= 0"),
     ("section not mapping", {"lora": 16}, "lora", "mapping"),
     ("name with slash", {"name": "a/b"}, "name", "slashes"),

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qlora_ray import train as training
@@ -169,6 +170,134 @@ def test_half_written_checkpoint_is_detected(tmp_path):
     assert training.checkpoints(tmp_path) == [folder]
 
 
+class FullDisk:
+    """``open`` for train.py's checkpoint writer: once ``full`` is set, files opened for writing
+    under ``root`` take ``room`` more bytes in all, then the write fails with ``code`` (ENOSPC:
+    what a full disk does to a write; part of the data is on disk)."""
+
+    def __init__(self, root: Path, code: int, room: int = 1000):
+        self.root, self.code, self.room, self.full = str(root), code, room, False
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        import builtins
+        import os
+
+        real = builtins.open(file, mode, *args, **kwargs)
+        if not self.full or "w" not in mode or not str(file).startswith(self.root):
+            return real
+        disk = self
+
+        class Writer:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                real.close()
+
+            def write(self, blob):
+                data = bytes(blob)
+                if len(data) > disk.room:
+                    real.write(data[:disk.room])
+                    disk.room = 0
+                    raise OSError(disk.code, os.strerror(disk.code))
+                disk.room -= len(data)
+                return real.write(data)
+
+        return Writer()
+
+
+@pytest.mark.parametrize("how", ["disk full mid-file", "quota in torch.save"])
+def test_full_disk_while_checkpointing_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, how):
+    """The disk fills up after the step-3 checkpoint: the step-6 one fails with a message that says
+    so and where, as a DiskFullError (a UserError and an OSError with the errno); its temp folder
+    is gone and the step-3 checkpoint is untouched, so a resume after freeing space works."""
+    import errno
+
+    from qlora_ray.errors import DiskFullError, UserError
+
+    spec = tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)
+    trial = tmp_path / "trial"
+    root = trial / "checkpoints"
+    if how == "disk full mid-file":
+        code, words = errno.ENOSPC, "no space left on device"
+        disk = FullDisk(root, code)
+        monkeypatch.setattr(training, "open", disk, raising=False)
+    else:
+        code, words = errno.EDQUOT, "disk quota exceeded"
+        disk = FullDisk(root, code)
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if disk.full:
+                raise OSError(code, "Disk quota exceeded")
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+
+    def report(metrics, checkpoint):
+        if checkpoint:  # step 3's checkpoint is on disk; the disk is full from now on
+            disk.full = True
+
+    with pytest.raises(DiskFullError) as caught:
+        training.fit(spec, report, training.RunContext(trial_dir=str(trial)))
+    error = caught.value
+    assert str(error) == (f"{words} while writing checkpoint step_6 to {root}: "
+                          "free space there or point output.dir elsewhere")
+    assert isinstance(error, UserError) and isinstance(error, OSError) and error.errno == code
+    assert isinstance(error.__cause__, OSError) and error.__cause__.errno == code
+    assert sorted(p.name for p in root.iterdir()) == ["step_3"]  # no .step_6.* temp folder left
+    assert training.checkpoint_problem(root / "step_3") is None
+    assert training.latest_checkpoint(trial) == root / "step_3"
+    assert not (trial / "adapter").exists()
+
+
+def test_resume_prefers_a_newer_sound_checkpoint_than_the_one_ray_hands_back(reference, tmp_path, caplog):
+    """After a driver kill Ray Train can hand back an older checkpoint than the newest the worker
+    wrote (its record lags the reports). The trial folder's newer one wins when it is sound and
+    metrics.jsonl has its row; else Ray's is used (or, if Ray's is torn, the newest sound one)."""
+    trial = tmp_path / "trial"
+    shutil.copytree(reference["trial"] / "checkpoints", trial / "checkpoints")
+    metrics = (reference["trial"] / "metrics.jsonl").read_text()
+    (trial / "metrics.jsonl").write_text(metrics)
+    step_3, step_6 = trial / "checkpoints" / "step_3", trial / "checkpoints" / "step_6"
+    ray_3 = tmp_path / "_ray" / "train" / "trial" / "checkpoint_000000"  # Ray's copies, Ray's names
+    ray_6 = ray_3.with_name("checkpoint_000001")
+    shutil.copytree(step_3, ray_3)
+    shutil.copytree(step_6, ray_6)
+
+    with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
+        assert training.find_checkpoint(str(ray_3), trial) == step_6
+    assert f"checkpoint {ray_3} (step 3) is older than {step_6} in the trial folder" in caplog.text
+    assert training.find_checkpoint(str(ray_6), trial) == ray_6  # nothing newer: Ray's, as handed back
+    assert training.find_checkpoint(str(step_3), trial) == step_6
+
+    # The worker died between writing step_6 and its metrics row: resuming there would leave a
+    # gap in the history, so Ray's step 3 stands.
+    rows = [line for line in metrics.splitlines() if json.loads(line).get("done") or json.loads(line)["step"] != 6]
+    (trial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
+        assert training.find_checkpoint(str(ray_3), trial) == ray_3
+    assert "step_6 has no row in metrics.jsonl" in caplog.text
+    (trial / "metrics.jsonl").write_text(metrics)
+
+    # Ray's copy torn: the newer sound one; the newer one damaged too: the trial folder's step 3.
+    adapter = ray_3 / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    assert training.find_checkpoint(str(ray_3), trial) == step_6
+    (step_6 / "manifest.json").unlink()
+    assert training.find_checkpoint(str(ray_3), trial) == step_3
+
+    # fit itself resumes from the newer checkpoint: at step 6 of 6 only the final report is left.
+    shutil.rmtree(step_6)
+    shutil.copytree(reference["trial"] / "checkpoints" / "step_6", step_6)
+    shutil.rmtree(ray_3)
+    shutil.copytree(step_3, ray_3)
+    result, reports = run_fit(reference["spec"], trial, resume_from=str(ray_3))
+    assert [m["step"] for m, _ in reports] == [6] and reports[0][0]["done"]
+    assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
+
+
 def test_non_finite_loss_stops_the_trial(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
     spec = tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, ["train.grad_accum=1"])
     Recorder(monkeypatch, fail_at=3)
@@ -247,3 +376,33 @@ def test_smoke_job_on_cuda_fp16_nf4(smollm2_gguf, tmp_path):
     resolved = (trial / "resolved_spec.yaml").read_text()
     assert "compute_dtype: fp16" in resolved
     assert final["peak_mem_gb"] < 15  # fits a T4
+
+
+def test_auto_checkpointing_switches_on_when_a_step_runs_out_of_memory(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                       monkeypatch):
+    """``gradient_checkpointing: auto`` trains without recomputation; a step that runs out of GPU
+    memory is retried with it on. A CPU cannot run out of CUDA memory, so the first step's loss
+    raises torch's own OutOfMemoryError here; the retry and the rest of the run are real."""
+    from qlora_ray.model import gradient_checkpointing_on
+
+    spec = tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, ["train.gradient_checkpointing=auto", "train.max_steps=3"])
+    real, states = training.token_loss, []
+
+    def flaky(model, batch):
+        states.append(gradient_checkpointing_on(model))
+        if len(states) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch)
+
+    monkeypatch.setattr(training, "token_loss", flaky)
+    result, reports = run_fit(spec, tmp_path / "trial")
+    assert result.step == 3 and math.isfinite(result.train_loss)
+    assert states[0] is False and all(states[1:])  # off at first, on from the retry onwards
+    assert [r["step"] for r, _ in reports if not r.get("done")] == [1, 2, 3]
+
+    (tmp_path / "on").mkdir()
+    on = tiny_spec(tmp_path / "on", tiny_model_dir, tiny_data_dir, ["train.gradient_checkpointing=true"])
+    states.clear()
+    with pytest.raises(training.OutOfMemory, match=r"step 1: out of GPU memory with gradient checkpointing on.*"
+                                                   r"train\.batch_size"):
+        run_fit(on, tmp_path / "trial-on")

@@ -67,7 +67,17 @@ def submit(
     board, exp = runtime.submit(spec_path, overrides, console, address=address, fresh=fresh,
                                 dashboard=dashboard, dashboard_host=dashboard_host)
     _print_board(board, exp)
-    if board.failed:
+    # Exit 0 only when every trial of this spec finished (rows of trials an earlier, wider sweep
+    # left in the folder do not count); else 1, naming each trial that did not and why.
+    from qlora_ray.plan import expand
+
+    planned = {t.id for t in expand(load_spec(spec_path, overrides))}
+    mine = [row for row in board.rows if row.trial_id in planned]
+    unfinished = [row for row in mine if row.status != results.FINISHED]
+    if unfinished:
+        err_console.print(f"{len(unfinished)} of {len(mine)} trial(s) did not finish: " + "; ".join(
+            f"{row.trial_id} {row.status}: {row.reason or 'no reason recorded'}" for row in unfinished),
+            markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -223,7 +233,7 @@ def _print_board(board: results.Leaderboard, exp: str) -> None:
     # something runs, and the trial id never wraps.
     drop = {"base ppl"} | ({"step"} if all(r.status in ("finished", "failed") for r in board.rows) else set())
     if console.width < 120:  # the files have every column
-        drop |= {"#", "peak GiB", "wall s", "tokens/s"}
+        drop |= {"#", "peak GiB", "wall s", "overhead s", "tokens/s"}
     keep = [i for i, h in enumerate(headers) if h not in drop]
     status_col = headers.index("status")
     rows = [[row[i] if i != status_col else board.rows[n].status for i in range(len(row))]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +18,7 @@ from rich.table import Table
 from qlora_ray.cli.app import app, console, err_console, user_errors
 from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray.errors import UserError
+from qlora_ray.files import publish_dir
 from qlora_ray.spec import DATA_FORMATS, URI_SCHEMES, DataSpec, QuantizationSpec, load_spec
 
 
@@ -310,18 +309,11 @@ def merge(
             "learned to correct the quantized base, not the 16-bit one. Serve the adapter on the quantized "
             "base, or pass a larger --tolerance if this drift is acceptable.")
     merged.config.use_cache = True
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # `out` is new or an empty folder (checked above), so replacing it loses nothing.
+    with publish_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge_check.json").write_text(json.dumps(
             {"adapter": str(adapter_dir), "dtype": dtype, "adapter_ppl": adapter_ppl, "merged_ppl": merged_ppl,
              "drift": drift, "tolerance": tolerance, "target_tokens": tokens}, indent=1), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"[green]merged[/]: {out}", highlight=False)

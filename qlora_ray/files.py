@@ -1,0 +1,34 @@
+"""Writing a folder so that readers see all of it or none of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside ``final`` to fill; when the block succeeds it is renamed
+    to ``final`` (replacing one that exists), when it fails it is removed.
+
+    The temp folder is ``.<name>.<random>`` in the same parent (a rename never crosses file
+    systems), so a crash leaves at most a hidden folder and never a half-written ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; model caches and runs may be shared
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
