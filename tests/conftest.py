@@ -38,6 +38,22 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def write_tiny_spec(folder: Path, model_dir: Path, data_dir: Path, **sections: str) -> Path:
+    """``folder/tiny.yaml``: the tiny model and data, NF4 on the CPU; ``sections`` replace whole
+    top-level sections with inline YAML (e.g. ``train="{lr: 1.0e-2, max_steps: 2}"``)."""
+    body = {"quantization": "{mode: nf4, compute_dtype: fp32}", "lora": "{r: 4, alpha: 8, dropout: 0.0}",
+            "train": "{max_steps: 3, batch_size: 4, gradient_checkpointing: false}",
+            "eval": "{max_new_tokens: 4}", "resources": "{gpus_per_trial: 0}", **sections}
+    path = Path(folder) / "tiny.yaml"
+    path.write_text(
+        f"name: tiny\nmodel: {{name: {model_dir}}}\n"
+        f"data: {{train: {data_dir}/train.jsonl, eval: {data_dir}/eval.jsonl, max_seq_len: 64, "
+        f"cache_dir: {folder}/cache}}\n"
+        + "".join(f"{key}: {value}\n" for key, value in body.items())
+        + f"output: {{dir: {folder}/runs}}\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A real byte-level BPE tokenizer (trained here on the tiny chats) with a ChatML template."""

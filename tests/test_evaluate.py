@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from conftest import write_tiny_spec
 from qlora_ray import data, evaluate
 from qlora_ray.cli import app
 from qlora_ray.model import load_base
@@ -21,16 +22,8 @@ from qlora_ray.spec import load_spec
 def loaded(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     """The tiny model unquantized (fp32), its tokenizer, prepared data and the spec."""
     folder = tmp_path_factory.mktemp("evaluate")
-    path = folder / "tiny.yaml"
-    path.write_text(f"""\
-name: tiny
-model: {{name: {tiny_model_dir}}}
-data: {{train: {tiny_data_dir}/train.jsonl, eval: {tiny_data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
-quantization: {{mode: none, compute_dtype: fp32}}
-eval: {{prompts: {tiny_data_dir}/prompts.txt, max_new_tokens: 5, max_prompts: 1}}
-resources: {{gpus_per_trial: 0}}
-output: {{dir: {folder}/runs}}
-""", encoding="utf-8")
+    path = write_tiny_spec(folder, tiny_model_dir, tiny_data_dir, quantization="{mode: none, compute_dtype: fp32}",
+                           eval=f"{{prompts: {tiny_data_dir}/prompts.txt, max_new_tokens: 5, max_prompts: 1}}")
     spec = load_spec(path)
     model, tokenizer = load_base(spec)
     return model, tokenizer, data.prepare(spec.data, tokenizer), spec
@@ -106,18 +99,8 @@ def trial(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     from qlora_ray import train
 
     folder = tmp_path_factory.mktemp("commands")
-    path = folder / "tiny.yaml"
-    path.write_text(f"""\
-name: tiny
-model: {{name: {tiny_model_dir}}}
-data: {{train: {tiny_data_dir}/train.jsonl, eval: {tiny_data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
-quantization: {{mode: nf4, compute_dtype: fp32}}
-lora: {{r: 4, alpha: 8, dropout: 0.0}}
-train: {{lr: 3.0e-2, max_steps: 3, batch_size: 4, gradient_checkpointing: false}}
-eval: {{max_new_tokens: 4}}
-resources: {{gpus_per_trial: 0}}
-output: {{dir: {folder}/runs}}
-""", encoding="utf-8")
+    path = write_tiny_spec(folder, tiny_model_dir, tiny_data_dir,
+                           train="{lr: 3.0e-2, max_steps: 3, batch_size: 4, gradient_checkpointing: false}")
     result = train.fit(load_spec(path), lambda m, c: None,
                        train.RunContext(trial_dir=str(folder / "runs" / "tiny" / "tiny")))
     return folder / "runs" / "tiny" / "tiny", result

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_tiny_spec
 from qlora_ray import model as M
 from qlora_ray.errors import UserError
 from qlora_ray.spec import load_spec, QuantizationSpec
@@ -125,18 +126,8 @@ def trained(tmp_path_factory, model_without_pad, tiny_data_dir):
     from qlora_ray import train
 
     folder = tmp_path_factory.mktemp("trained")
-    path = folder / "tiny.yaml"
-    path.write_text(f"""\
-name: tiny
-model: {{name: {model_without_pad}}}
-data: {{train: {tiny_data_dir}/train.jsonl, eval: {tiny_data_dir}/eval.jsonl, max_seq_len: 64, cache_dir: {folder}/cache}}
-quantization: {{mode: nf4, compute_dtype: fp32}}
-lora: {{r: 4, alpha: 8, dropout: 0.0}}
-train: {{lr: 2.0e-2, max_steps: 2, batch_size: 4, checkpoint_every: 1, gradient_checkpointing: false}}
-eval: {{max_new_tokens: 4}}
-resources: {{gpus_per_trial: 0}}
-output: {{dir: {folder}/runs}}
-""", encoding="utf-8")
+    path = write_tiny_spec(folder, model_without_pad, tiny_data_dir, train="{lr: 2.0e-2, max_steps: 2, batch_size: 4, "
+                           "checkpoint_every: 1, gradient_checkpointing: false}")
     spec = load_spec(path)
     result = train.fit(spec, lambda m, c: None, train.RunContext(trial_dir=str(folder / "runs" / "tiny" / "tiny")))
     return folder / "runs" / "tiny" / "tiny", result, spec
