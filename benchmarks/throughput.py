@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_recipe import run_recipe  # noqa: E402
@@ -94,24 +93,10 @@ def eval_loss(model, rows: list[list[int]], pad_id: int) -> float:
     return math.log(ppl)
 
 
-def full_head_loss(model, batch: dict):
-    """The previous loss: logits on every position, then the target rows in fp32 (for the ablation)."""
-    from qlora_ray.data import IGNORE
-    from qlora_ray.evaluate import autocast, to_device
-    from qlora_ray.model import device_of
-
-    batch = to_device(batch, device_of(model))
-    with autocast(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch.get("position_ids"), use_cache=False).logits
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
-    return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), int(mask.sum())
-
-
 def run_qlora_ray(model_dir: Path, work: Path, train_file: Path, eval_file: Path, variant: dict,
                   skip_steps: int, smoke: bool) -> dict:
     """qlora-ray's ``fit`` for one epoch over the training rows, with the variant's levers."""
+    from qlora_ray import evaluate
     from qlora_ray import train as training
     from qlora_ray.spec import load_spec
 
@@ -135,15 +120,17 @@ output: {{dir: {work}/runs}}
 """)
     spec = load_spec(spec_file)
     seen: list[dict] = []
-    real_loss = training.token_loss
+    find_head = evaluate._decoder_and_head
     if variant.get("full_head"):
-        training.token_loss = full_head_loss
+        # The loss as it was before the target-only head: token_loss's path for models whose
+        # logits are more than head(hidden), logits on every position.
+        evaluate._decoder_and_head = lambda model: (None, None)
     _reset_memory()
     try:
         result = training.fit(spec, lambda metrics, checkpoint: seen.append(dict(metrics)),
                               training.RunContext(trial_dir=str(work / "trial")))
     finally:
-        training.token_loss = real_loss
+        evaluate._decoder_and_head = find_head
     steps = [r for r in seen if "tokens" in r and not r.get("done")]
     start = steps[min(skip_steps, len(steps) - 1) - 1] if len(steps) > 1 else steps[0]
     end = steps[-1]

@@ -107,7 +107,9 @@ def _chunked_ce(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tens
 def _decoder_and_head(model):
     """The decoder stack and output head of a causal LM (peft-wrapped or not), or ``(None, None)``
     when its logits are more than ``head(hidden)`` (Gemma's soft-capping, Cohere's logit scale)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from qlora_ray.model import unwrapped
+
+    inner = unwrapped(model)
     config = getattr(inner, "config", None)
     if any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale")):
         return None, None

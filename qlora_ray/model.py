@@ -240,7 +240,7 @@ def add_lora(model, spec: JobSpec):
 
 def set_gradient_checkpointing(model, on: bool) -> None:
     """Switch activation recomputation on or off (non-reentrant) for a peft-wrapped or plain model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     kwargs = {"use_reentrant": False}
     # transformers 5 renamed these; older releases only have the gradient_* names.
     if hasattr(inner, "activation_checkpointing_enable"):
@@ -256,7 +256,7 @@ def set_gradient_checkpointing(model, on: bool) -> None:
 
 def gradient_checkpointing_on(model) -> bool:
     """Whether activation recomputation is on."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     return bool(getattr(inner, "is_activation_checkpointing", None) or getattr(inner, "is_gradient_checkpointing", False))
 
 
@@ -336,6 +336,11 @@ def load_adapter(adapter_dir: str | os.PathLike, quantization: Optional[Quantiza
 
 def compute_dtype_of(model) -> torch.dtype:
     return getattr(model, "qlora_compute_dtype", None) or torch.float32
+
+
+def unwrapped(model):
+    """The transformers model inside a peft wrapper (the model itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def device_of(model) -> torch.device:

@@ -155,7 +155,7 @@ class TrainSpec:
             yield "max_steps", f"must be >= 1 when set, got {self.max_steps}"
         if not 0.0 <= self.warmup_ratio < 1.0:
             yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
-        if str(self.gradient_checkpointing).lower() not in CHECKPOINTING:
+        if self.checkpointing not in CHECKPOINTING:
             yield "gradient_checkpointing", f"'{self.gradient_checkpointing}' is not one of {', '.join(CHECKPOINTING)}"
         if self.scheduler not in SCHEDULERS:
             yield "scheduler", f"'{self.scheduler}' is not one of {', '.join(SCHEDULERS)}"

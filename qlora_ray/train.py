@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from qlora_ray import data
-from qlora_ray.errors import UserError
+from qlora_ray.errors import UserError, disk_full_error
 from qlora_ray.files import publish_dir
 from qlora_ray.evaluate import Baseline, measure, token_loss, write_samples
 from qlora_ray.model import (add_lora, compute_dtype_of, device_of, gradient_checkpointing_on, load_base,
@@ -385,8 +385,6 @@ def save_checkpoint(trial_dir: Path, state: _State, model, optimizer, scheduler,
             files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
             write(tmp / MANIFEST, json.dumps({"step": state.step, "files": files}, indent=1).encode("utf-8"))
     except BaseException as e:
-        from qlora_ray.errors import disk_full_error
-
         full = disk_full_error(e, f"checkpoint step_{state.step}", root)
         if full is None:
             raise
