@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
 
 # Tune's classic reporter honours verbose=0; the new one prints a table per trial regardless.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -54,6 +54,9 @@ from qlora_ray.cluster import LOOPBACK, is_loopback, loopback_node_ip, prepare_a
 from qlora_ray.errors import UserError  # noqa: E402
 from qlora_ray.plan import Trial, expand  # noqa: E402
 from qlora_ray.spec import URI_SCHEMES, JobSpec, load_spec, project_root, to_yaml  # noqa: E402
+
+if TYPE_CHECKING:  # the driver never imports torch; trials import evaluate themselves
+    from qlora_ray import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -370,17 +373,22 @@ def _fits(node: Dict[str, float], spec: JobSpec, count: int = 1) -> bool:
     return ok
 
 
+def slots(spec: JobSpec, cluster: Cluster, most: int) -> int:
+    """How many trial-sized slots the cluster's nodes hold together, counting up to ``most``."""
+    fit = 0
+    for node in cluster.nodes:
+        n = 0
+        while _fits(node, spec, n + 1) and fit + n < most:
+            n += 1
+        fit += n
+    return fit
+
+
 def concurrency(spec: JobSpec, cluster: Cluster, n_trials: int) -> int:
     """Trials run at once: the spec's number, else how many fit on the cluster's nodes."""
     if spec.resources.max_concurrent_trials:
         return max(1, min(spec.resources.max_concurrent_trials, n_trials))
-    fit = 0
-    for node in cluster.nodes:
-        n = 0
-        while _fits(node, spec, n + 1) and n < n_trials:
-            n += 1
-        fit += n
-    return max(1, min(fit, n_trials))
+    return max(1, slots(spec, cluster, n_trials))
 
 
 # ---------------------------------------------------------------- the experiment folder
@@ -457,26 +465,72 @@ def _baseline_task(spec: JobSpec) -> str:
     return evaluate.baseline(spec).to_json()
 
 
-def ensure_baseline(spec: JobSpec, storage: Storage, say: Callable[[str], None]) -> Optional[str]:
-    """Base-model perplexity and replies, computed once as a Ray task placed like a trial."""
-    saved = storage.read_text(results.BASELINE_FILE)
-    if saved:
-        return saved
+def start_baseline(spec: JobSpec, storage: Storage, say: Callable[[str], None],
+                   alongside: bool) -> Optional[ray.ObjectRef]:
+    """Measure the base model (perplexity, replies) once, as a Ray task placed like a trial.
+    ``alongside``: the cluster has room for it beside the trials, so none waits for it (its
+    figures are taken when a trial ends; ``finish_baseline`` saves them); else it runs first.
+    Returns the running task, or None when the figures are already saved."""
+    if storage.exists(results.BASELINE_FILE):
+        return None
     res = spec.resources
     options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
     if res.accelerator_type:
         options["accelerator_type"] = res.accelerator_type
+    ref = ray.remote(_baseline_task).options(**options).remote(spec)
+    if alongside:
+        say("baseline: measuring the base model once (perplexity, sample replies), alongside the trials ...")
+        return ref
     say("baseline: measuring the base model once (perplexity, sample replies) ...")
     start = time.time()
     try:
-        text = ray.get(ray.remote(_baseline_task).options(**options).remote(spec))
+        text = ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         # The same model and data feed every trial: stop here, with the reason, not a traceback.
         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
         raise UserError(f"measuring the base model failed, so no trial was started: {_reason(cause)}") from None
     storage.write_text(results.BASELINE_FILE, text)
     say(f"baseline: done in {time.time() - start:.0f}s -> {storage.uri(results.BASELINE_FILE)}")
-    return text
+    return None
+
+
+def finish_baseline(ref: Optional[ray.ObjectRef], storage: Storage, say: Callable[[str], None]) -> None:
+    """Save the figures of the base-model task running alongside the trials as the experiment's
+    ``baseline.json``. If it failed or had not finished (the trials then measured the base model
+    themselves), say so and go on: the leaderboard takes each trial's own base figures."""
+    if ref is None:
+        return
+    if not ray.wait([ref], timeout=0)[0]:
+        ray.cancel(ref, force=True)
+        say("baseline: not done when the trials ended (no room for it?); each trial measured the base model itself")
+        return
+    try:
+        text = ray.get(ref)
+    except ray.exceptions.RayError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+        say(f"baseline: measuring the base model failed ({_reason(cause)}); each trial measured it itself")
+        return
+    storage.write_text(results.BASELINE_FILE, text)
+    say(f"baseline: saved {storage.uri(results.BASELINE_FILE)}")
+
+
+def _base_figures(ref: Optional[ray.ObjectRef]) -> Optional[Callable[[], Optional[evaluate.Baseline]]]:
+    """For ``train.RunContext.base_figures``: the base-model task's figures if it has finished by
+    the time a trial asks, else None (the trial measures them itself rather than wait: the task
+    may be queued behind the trials for a GPU)."""
+    if ref is None:
+        return None
+
+    def figures() -> Optional[evaluate.Baseline]:
+        from qlora_ray import evaluate
+
+        if not ray.wait([ref], timeout=0)[0]:
+            return None
+        try:
+            return evaluate.Baseline.from_json(ray.get(ref))
+        except ray.exceptions.RayError:
+            return None
+    return figures
 
 
 # ---------------------------------------------------------------- the worker (one per trial)
@@ -487,7 +541,8 @@ class Sweep:
 
     exp: str
     trials: Dict[str, Trial]
-    baseline: Optional[str]
+    baseline: Optional[str]  # the base figures (JSON) when an earlier submit saved them
+    baseline_ref: Optional[ray.ObjectRef] = None  # else the base-model task running alongside
     fault_step: Optional[int] = None
     crash_trial: Optional[str] = None
 
@@ -548,6 +603,7 @@ def _worker_loop(config: Dict[str, Any]) -> None:
             gpus = trial.spec.resources.gpus_per_trial
             train.fit(trial.spec, report, train.RunContext(
                 trial_dir=str(trial_dir), resume_from=resume_from, baseline=baseline,
+                base_figures=None if baseline else _base_figures(config.get("baseline_ref")),
                 gpu_memory_fraction=gpus if 0 < gpus < 1 else None))
         except (UserError, train.NonFiniteLossError, train.OutOfMemory) as e:
             # Deterministic: a retry would fail the same way. End the run with the reason instead
@@ -593,7 +649,7 @@ def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"trial": trial, "exp": sweep.exp, "baseline": sweep.baseline,
-                           "fault_step": sweep.fault_step},
+                           "baseline_ref": sweep.baseline_ref, "fault_step": sweep.fault_step},
         # One worker needs no collective ops: gloo runs anywhere, including hosts whose "GPUs"
         # are logical labels (CI, the multi-node tests), where NCCL would fail to initialize.
         torch_config=TorchConfig(backend="gloo"),
@@ -827,12 +883,12 @@ def _quiet_ray_loggers() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline: Optional[str], cluster: Cluster,
-             console, skipped: int = 0) -> None:
+def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline_ref: Optional[ray.ObjectRef],
+             cluster: Cluster, console, skipped: int = 0) -> None:
     """The Tune grid over ``todo`` (one TorchTrainer per trial); returns when all have ended."""
     fault = os.environ.get(FAULT_ENV)
-    sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo}, baseline=baseline,
-                  fault_step=int(fault) if fault else None, crash_trial=os.environ.get(DRIVER_FAULT_ENV) or None)
+    sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo}, baseline=storage.read_text(results.BASELINE_FILE),
+                  baseline_ref=baseline_ref, fault_step=int(fault) if fault else None, crash_trial=os.environ.get(DRIVER_FAULT_ENV) or None)
     limit = concurrency(spec, cluster, len(todo))
     console.print(f"running {len(todo)} trial(s), {limit} at a time"
                   + (f"; {skipped} already finished (skipped)" if skipped else ""), highlight=False)
@@ -841,7 +897,9 @@ def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline: Optio
         tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), _DRIVER_RESOURCES),
         param_space={"trial_id": tune.grid_search([t.id for t in todo])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=limit, reuse_actors=False,
+            # A trial's driver process is handed to the next trial instead of a fresh one (~6 s
+            # of process start and imports saved per trial after the first wave).
+            max_concurrent_trials=limit, reuse_actors=True,
             trial_name_creator=lambda t: t.config["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
@@ -890,8 +948,11 @@ def submit(spec_path: Path, overrides: List[str], console, address: Optional[str
                     "cluster use a shared filesystem or a storage URI (output.dir=s3://...)")
             check_resources(spec, cluster)  # before anything is written: a refused spec leaves no trace
             record_experiment(storage, spec, spec_path, trials, cluster)
-            baseline = ensure_baseline(spec, storage, say)
-            run_grid(spec, storage, todo, baseline, cluster, console, skipped=skipped)
+            # Beside the trials if a slot is left over for it (no GPU idles while it runs), else first.
+            room = slots(spec, cluster, len(todo) + 1) > concurrency(spec, cluster, len(todo))
+            baseline_ref = start_baseline(spec, storage, say, alongside=room)
+            run_grid(spec, storage, todo, baseline_ref, cluster, console, skipped=skipped)
+            finish_baseline(baseline_ref, storage, say)
     return write_results(storage.root), storage.root
 
 

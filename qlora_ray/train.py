@@ -69,6 +69,10 @@ class RunContext:
     trial_dir: str
     resume_from: Optional[str] = None   # a checkpoint folder (checkpoints/step_<N>)
     baseline: Optional[Baseline] = None  # base-model figures; measured here when None
+    # Base figures measured elsewhere at the same time as this trial (the runtime's base-model
+    # task): asked for once training is done; when it returns None (not ready, or failed) this
+    # trial measures the base model itself, with its adapter switched off.
+    base_figures: Optional[Callable[[], Optional[Baseline]]] = None
     progress: bool = False               # a progress bar on stderr
     # Share of the GPU's memory this process may take (several trials on one GPU): beyond it
     # a step runs out of memory here instead of starving its neighbours.
@@ -135,10 +139,10 @@ def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
     if device.type == "cuda" and run.gpu_memory_fraction:
         torch.cuda.set_per_process_memory_fraction(run.gpu_memory_fraction, device)
     checkpoint = find_checkpoint(run.resume_from, trial_dir)
-    if run.baseline is None:
+    baseline = run.baseline
+    if baseline is None and run.base_figures is None:
         say(f"measuring the base model on {len(prepared.eval)} eval examples ...")
-    baseline = run.baseline or _baseline(model, tokenizer, prepared, spec, trial_dir,
-                                         reuse=checkpoint is not None)
+        baseline = _baseline(model, tokenizer, prepared, spec, trial_dir, reuse=checkpoint is not None)
 
     params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(data.train_batches(prepared, spec.data, t.batch_size, 0, t.seed)) / t.grad_accum)
@@ -201,6 +205,11 @@ def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
     bar.close()
 
     adapter_dir = save_adapter(model, tokenizer, spec, trial_dir / "adapter")
+    if baseline is None:
+        baseline = run.base_figures() if run.base_figures else None
+    if baseline is None:
+        say("measuring the base model (adapter off) ...")
+        baseline = _baseline(model, tokenizer, prepared, spec, trial_dir, reuse=True)
     say("measuring the tuned model ...")
     tuned = measure(model, tokenizer, prepared, spec)
     samples = None

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from qlora_ray.errors import UserError
-from qlora_ray.runtime import (FAULT_ENV, LOCAL_RAY_ENV, Cluster, Storage, check_resources, concurrency,
+from qlora_ray.runtime import (FAULT_ENV, LOCAL_RAY_ENV, Cluster, Storage, check_resources, concurrency, slots,
                                spec_changes)
 from qlora_ray.spec import load_spec
 
@@ -50,15 +50,18 @@ def _rows(path: Path) -> list:
 def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     exp = tiny_spec_file.parent / "runs" / "tiny"
     start = time.time()
-    # Half a CPU per trial: all four run at once on 2 cores (one wave of Ray start-up, not two);
-    # a report every 3 steps: Ray Train hands one report at a time to its controller (~2 s polls).
-    proc = _submit(tiny_spec_file, SWEEP, *FAST)
+    # 0.4 CPU per trial: all four run at once on 2 cores (one wave of Ray start-up, not two) and a
+    # fifth slot is left for measuring the base model beside them; a report every 3 steps: Ray
+    # Train hands one report at a time to its controller.
+    proc = _submit(tiny_spec_file, SWEEP, *FAST, "resources.cpus_per_trial=0.4")
     first_s = time.time() - start
     assert proc.returncode == 0, _out(proc)
     out = proc.stdout
     # What the terminal shows: where Ray is, one line per trial state change, the leaderboard.
     assert "Ray dashboard: http://127.0.0.1:" in out and "Ray logs: " in out
     assert "running 4 trial(s), 4 at a time" in out
+    assert "measuring the base model once (perplexity, sample replies), alongside the trials" in out
+    assert f"baseline: saved {exp / 'baseline.json'}" in out
     for tid in IDS:
         assert f"[finished] {tid}  step 6/6" in out
     assert "# tiny: 4 trials (4 finished)" in out
@@ -82,7 +85,8 @@ def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     assert (best / "adapter" / "adapter_config.json").is_file()
     for tid in IDS:
         trial = exp / tid
-        # The base model was measured once for the experiment, not by each trial.
+        # The base model was measured once for the experiment, not by each trial: its task
+        # finished while the trials trained, and each took its figures from it at the end.
         assert not (trial / "baseline.json").exists()
         assert json.loads((trial / "status.json").read_text())["status"] == "finished"
         assert _rows(trial / "metrics.jsonl")[-1]["done"] is True
@@ -310,6 +314,13 @@ def test_resource_checks_and_concurrency(tiny_spec_file):
     assert concurrency(cpu_spec, pool, n_trials=40) == 2 + 4 + 4 + 16  # CPU trials: by CPUs
     capped = load_spec(tiny_spec_file, ["resources.max_concurrent_trials=3"])
     assert concurrency(capped, pool, n_trials=40) == 3
+    # Room for the base-model task beside the trials (one more slot than run at once)?
+    assert slots(t4_spec, pool, 3) == 2                             # 2 T4 trials at once: no room
+    assert slots(capped, pool, 4) == 4                              # 3 CPU trials at once: room
+    sharing = load_spec(tiny_spec_file, ["resources.gpus_per_trial=0.08", "resources.cpus_per_trial=1"])
+    one_gpu = Cluster(address="local", embedded=True, dashboard_url=None, log_dir=None,
+                      nodes=[{"CPU": 16.0, "GPU": 1.0}])
+    assert concurrency(sharing, one_gpu, 12) == 12 and slots(sharing, one_gpu, 13) == 12  # 13 x 0.08 > 1
 
     laptop = Cluster(address="local", embedded=True, dashboard_url=None, log_dir=None, nodes=[head])
     with pytest.raises(UserError) as e:

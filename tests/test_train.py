@@ -123,6 +123,33 @@ def test_fit_trains_and_writes_the_trial_folder(reference):
     assert "| 1 | Chai kaise banate hain? |" in samples and "| 2 | Kal barish hogi? |" in samples
 
 
+def test_base_figures_measured_alongside_or_after_training(reference, tmp_path):
+    """With ``base_figures`` (the runtime's base-model task running beside the trial), training
+    starts at once and the figures are taken after it; if they are not ready the trial measures
+    the base model itself, adapter off, and gets what it would have measured before training."""
+    from qlora_ray.evaluate import Baseline
+
+    asked = []
+
+    def elsewhere():
+        asked.append(True)
+        return Baseline(perplexity=123.0, target_tokens=7, replies=["base says A", "base says B"])
+
+    trial = tmp_path / "given"
+    result = training.fit(reference["spec"], lambda m, c: None,
+                          training.RunContext(trial_dir=str(trial), base_figures=elsewhere))
+    assert asked == [True] and result.base_ppl == 123.0
+    assert result.eval_ppl == pytest.approx(reference["result"].eval_ppl, rel=1e-5)  # the same training
+    assert not (trial / "baseline.json").exists()
+    assert "base says A" in (trial / "samples.md").read_text()
+
+    trial = tmp_path / "not_ready"
+    result = training.fit(reference["spec"], lambda m, c: None,
+                          training.RunContext(trial_dir=str(trial), base_figures=lambda: None))
+    assert result.base_ppl == pytest.approx(reference["result"].base_ppl, rel=1e-5)
+    assert json.loads((trial / "baseline.json").read_text())["perplexity"] == result.base_ppl
+
+
 def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
     spec, trial = reference["spec"], tmp_path / "trial"
     recorder = Recorder(monkeypatch)
