@@ -7,7 +7,7 @@ loss on 64 more). The grid is LoRA rank (8, 16, 32) x learning rate (1e-4, 2e-4,
 The baseline side runs one trial of the recipe (model load, training, held-out loss) and counts
 its wall time 12 times: its trials differ only in two numbers, not in cost.
 
-    python benchmarks/density.py --out DIR [--gpus-per-trial 0.08] [--baseline-trial-s S]
+    python benchmarks/density.py --out DIR [--gpus-per-trial 0.075] [--baseline-trial-s S]
 
 Writes ``density.json`` and ``density_leaderboard.md`` (the leaderboard as qlora-ray wrote it,
 with the Ray overhead per trial: trial wall time minus the training function's own).
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--gpus-per-trial", type=float, default=0.08)
+    parser.add_argument("--gpus-per-trial", type=float, default=0.075)
     parser.add_argument("--baseline-trial-s", type=float,
                         help="Skip the baseline run and use this measured wall time of one baseline trial.")
     args = parser.parse_args()

