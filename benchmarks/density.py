@@ -7,7 +7,7 @@ loss on 64 more). The grid is LoRA rank (8, 16, 32) x learning rate (1e-4, 2e-4,
 The baseline side runs one trial of the recipe (model load, training, held-out loss) and counts
 its wall time 12 times: its trials differ only in two numbers, not in cost.
 
-    python benchmarks/density.py --out DIR [--gpus-per-trial 0.075] [--baseline-trial-s S]
+    python benchmarks/density.py --out DIR [--gpus-per-trial 0.075] [--runner tune|train] [--baseline-trial-s S]
 
 Writes ``density.json`` and ``density_leaderboard.md`` (the leaderboard as qlora-ray wrote it,
 with the Ray overhead per trial: trial wall time minus the training function's own).
@@ -32,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gpus-per-trial", type=float, default=0.075)
+    parser.add_argument("--runner", choices=("train", "tune"), default="tune",
+                        help="resources.runner of the grid (tune: each trial trains in its Tune process).")
     parser.add_argument("--baseline-trial-s", type=float,
                         help="Skip the baseline run and use this measured wall time of one baseline trial.")
     args = parser.parse_args()
@@ -53,7 +55,7 @@ def main() -> None:
     eval_file = write_text_rows(work / "eval.jsonl", held_out)
     torch.cuda.empty_cache()
     out = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
-           "gpus_per_trial": args.gpus_per_trial, "trials": 12}
+           "gpus_per_trial": args.gpus_per_trial, "runner": args.runner, "trials": 12}
 
     if args.baseline_trial_s:
         out["baseline_trial_wall_s"] = args.baseline_trial_s
@@ -79,7 +81,7 @@ lora: {{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}}
 train: {{lr: 2.0e-4, epochs: 1, batch_size: 8, warmup_ratio: 0.03, log_every: 2, checkpoint_every: 100000}}
 eval: {{perplexity: true}}
 sweep: {{lora.r: [8, 16, 32], train.lr: [1.0e-4, 2.0e-4, 3.0e-4, 5.0e-4]}}
-resources: {{gpus_per_trial: {args.gpus_per_trial}}}
+resources: {{gpus_per_trial: {args.gpus_per_trial}, runner: {args.runner}}}
 output: {{dir: {work}/runs}}
 """)
     start = time.time()

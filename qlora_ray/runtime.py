@@ -53,7 +53,7 @@ from qlora_ray import results  # noqa: E402
 from qlora_ray.cluster import LOOPBACK, is_loopback, loopback_node_ip, prepare_auth_env  # noqa: E402
 from qlora_ray.errors import UserError  # noqa: E402
 from qlora_ray.plan import Trial, expand  # noqa: E402
-from qlora_ray.spec import URI_SCHEMES, JobSpec, load_spec, project_root, to_yaml  # noqa: E402
+from qlora_ray.spec import URI_SCHEMES, JobSpec, ResourcesSpec, load_spec, project_root, to_yaml  # noqa: E402
 
 if TYPE_CHECKING:  # the driver never imports torch; trials import evaluate themselves
     from qlora_ray import evaluate
@@ -80,6 +80,29 @@ _MUTABLE_KEYS = ("sweep", "resources", "output")
 # The Tune trial function only drives a Train run; it holds no CPU (Tune refuses an empty
 # request, so it asks for a sliver of the head node: drivers belong on the stable node).
 _DRIVER_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.001}
+
+
+@dataclass(frozen=True)
+class TrialSession:
+    """Where a trial's last checkpoint comes from and where its reports go."""
+
+    get_checkpoint: Callable[[], Optional[ray.train.Checkpoint]]
+    report: Callable[..., None]
+
+
+TRAIN_SESSION = TrialSession(ray.train.get_checkpoint, ray.train.report)  # runner train: the Train worker
+TUNE_SESSION = TrialSession(tune.get_checkpoint, tune.report)             # runner tune: the Tune trial
+
+
+def trial_resources(res: ResourcesSpec) -> Dict[str, float]:
+    """What a Tune trial asks for: a sliver of the head node when it only drives a TorchTrainer
+    (runner train), the whole trial's CPUs, GPUs and accelerator type when it trains (runner tune)."""
+    if res.runner == "train":
+        return dict(_DRIVER_RESOURCES)
+    out = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+    if res.accelerator_type:
+        out[f"accelerator_type:{res.accelerator_type}"] = 0.001
+    return out
 
 
 def _now() -> str:
@@ -549,8 +572,9 @@ class Sweep:
     crash_trial: Optional[str] = None
 
 
-def _worker_loop(config: Dict[str, Any]) -> None:
-    """Runs in the Ray Train worker: resume from the last checkpoint, then ``train.fit``."""
+def _worker_loop(config: Dict[str, Any], session: TrialSession = TRAIN_SESSION) -> None:
+    """Runs in the Ray Train worker (or the Tune trial itself, runner tune): resume from the
+    last checkpoint, then ``train.fit``."""
     entered = time.time()
     from qlora_ray import evaluate, train
 
@@ -567,7 +591,7 @@ def _worker_loop(config: Dict[str, Any]) -> None:
         shutil.rmtree(trial_dir, ignore_errors=True)
         storage.download(trial_dir, rel=trial.id)
     trial_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     fault_step = config.get("fault_step")
     marker = trial_dir / ".test-killed"
 
@@ -590,7 +614,7 @@ def _worker_loop(config: Dict[str, Any]) -> None:
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)  # the test's "node died": no cleanup, no report
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(_to_tune(metrics), checkpoint=ckpt)
+        session.report(_to_tune(metrics), checkpoint=ckpt)
         sync(full=bool(metrics.get("done")))
 
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_from:
@@ -627,11 +651,34 @@ def _to_tune(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
-    """One Tune trial: build and fit the trial's TorchTrainer; stamp ``status.json``."""
+def _torch_trainer(trial: Trial, storage: Storage, loop_config: Dict[str, Any]):
+    """The trial's TorchTrainer: one worker with the trial's resources, restarted by Train."""
     # Imported here, in the trial's process: it pulls in torch, which the driver never needs.
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    res = trial.spec.resources
+    per_worker = {"CPU": res.cpus_per_trial}
+    if res.gpus_per_trial:
+        per_worker["GPU"] = res.gpus_per_trial
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        # One worker needs no collective ops: gloo runs anywhere, including hosts whose "GPUs"
+        # are logical labels (CI, the multi-node tests), where NCCL would fail to initialize.
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=res.gpus_per_trial > 0, resources_per_worker=per_worker,
+            accelerator_type=res.accelerator_type),
+        run_config=ray.train.RunConfig(
+            name=trial.id, storage_path=storage.uri(f"{RAY_DIR}/train"),
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()]),
+    )
+
+
+def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
+    """One Tune trial: fit it (in its TorchTrainer, or right here with runner tune); stamp ``status.json``."""
     trial = sweep.trials[config["trial_id"]]
     storage = Storage(sweep.exp)
     res = trial.spec.resources
@@ -645,33 +692,21 @@ def _run_trial(config: Dict[str, Any], sweep: Sweep) -> None:
     storage.delete(f"{trial.id}/{RESULT_FILE}")  # only this run's final report counts
     if sweep.crash_trial == trial.id:
         raise RuntimeError(f"{DRIVER_FAULT_ENV}: the trial driver of {trial.id} crashed on purpose")
-    per_worker = {"CPU": res.cpus_per_trial}
-    if res.gpus_per_trial:
-        per_worker["GPU"] = res.gpus_per_trial
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"trial": trial, "exp": sweep.exp, "baseline": sweep.baseline,
-                           "baseline_ref": sweep.baseline_ref, "fault_step": sweep.fault_step},
-        # One worker needs no collective ops: gloo runs anywhere, including hosts whose "GPUs"
-        # are logical labels (CI, the multi-node tests), where NCCL would fail to initialize.
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=1, use_gpu=res.gpus_per_trial > 0, resources_per_worker=per_worker,
-            accelerator_type=res.accelerator_type),
-        run_config=ray.train.RunConfig(
-            name=trial.id, storage_path=storage.uri(f"{RAY_DIR}/train"),
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()]),
-    )
+    loop_config = {"trial": trial, "exp": sweep.exp, "baseline": sweep.baseline,
+                   "baseline_ref": sweep.baseline_ref, "fault_step": sweep.fault_step}
     error: Optional[str] = None
     final: Dict[str, Any] = {}
     try:
-        trainer.fit()
+        if res.runner == "tune":
+            _worker_loop(loop_config, TUNE_SESSION)
+        else:
+            _torch_trainer(trial, storage, loop_config).fit()
         final = storage.read_json(f"{trial.id}/{RESULT_FILE}") or {}
         if not final.get("done"):
             error = final.pop("error", None) or "training ended without a final report"
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
+        if res.runner == "tune":
+            raise  # Tune restarts the trial from its last checkpoint (resources.max_failures times)
         error = _reason(e)
     # Wall time of the trial as Ray ran it, summed over submits when an earlier one was cut short.
     ended = time.time()
@@ -896,7 +931,7 @@ def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline_ref: O
                   + (f"; {skipped} already finished (skipped)" if skipped else ""), highlight=False)
     progress = Progress(todo, console, skipped=skipped, exp=storage.root)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), _DRIVER_RESOURCES),
+        tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), trial_resources(spec.resources)),
         param_space={"trial_id": tune.grid_search([t.id for t in todo])},
         tune_config=tune.TuneConfig(
             # A trial's driver process is handed to the next trial instead of a fresh one (~6 s
@@ -906,7 +941,10 @@ def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline_ref: O
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage.uri(RAY_DIR), verbose=0, callbacks=[progress],
-            failure_config=tune.FailureConfig(max_failures=0)),
+            # Runner train: Ray Train restarts a dead worker; a Tune retry would start it twice over.
+            failure_config=tune.FailureConfig(
+                max_failures=spec.resources.max_failures if spec.resources.runner == "tune" else 0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
     interrupted = True
     try:

@@ -17,6 +17,7 @@ an interrupted and resumed run takes the same steps on the same batches as an un
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -122,6 +123,12 @@ class _State:
 def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
     """Train one trial of ``spec`` into ``run.trial_dir``; see the module docstring."""
     started = time.time()
+    if torch.cuda.is_initialized():
+        # A process that ran an earlier trial (Tune hands finished trial processes on): free what
+        # that one left cached, and start this trial's peak from here.
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trial_dir = Path(run.trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "resolved_spec.yaml").write_text(to_yaml(spec), encoding="utf-8")

@@ -159,6 +159,31 @@ def test_killed_worker_on_a_t4_node_resumes_from_its_checkpoint(tiny_spec_file, 
     assert not (exp.parent / "lacking").exists()  # refused before anything was written
 
 
+def test_tune_runner_trains_in_the_trial_and_resumes_after_a_kill(tiny_spec_file):
+    """``resources.runner: tune``: each trial trains in its own Tune process (no TorchTrainer, no
+    Train worker). Both trials SIGKILL themselves at step 5 on their first attempt; Tune restarts
+    each from its step-3 checkpoint (``tune.get_checkpoint()``) and both finish at step 6."""
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    proc = _submit(tiny_spec_file, "sweep={lora.r: [2, 4]}", "resources.runner=tune", "--no-dashboard",
+                   env={FAULT_ENV: "5"})
+    assert proc.returncode == 0, _out(proc)
+    assert not (exp / "_ray" / "train").exists()  # no Ray Train run was started
+    board = json.loads((exp / "leaderboard.json").read_text())
+    assert [t["status"] for t in board["trials"]] == ["finished", "finished"]
+    for tid in ("tiny-r2", "tiny-r4"):
+        trial = exp / tid
+        assert (trial / ".test-killed").exists()  # the fault did fire
+        starts = _rows(trial / "events.jsonl")
+        assert len(starts) == 2 and starts[0]["resume_from"] is None
+        assert f"/_ray/tiny/{tid}/checkpoint_" in starts[1]["resume_from"]
+        assert starts[0]["pid"] != starts[1]["pid"]
+        rows = _rows(trial / "metrics.jsonl")
+        assert [r["step"] for r in rows if not r.get("done")] == [1, 2, 3, 4, 5, 6]
+        status = json.loads((trial / "status.json").read_text())
+        assert status["status"] == "finished" and status["attempts"] == 2, status
+        assert status["overhead"]["worker_start_s"] < 1.0, status  # it trains where it runs
+
+
 NAN_ALPHA = 10**30  # LoRA scale 2.5e29: the first step's gradient norm overflows (a real inf, no mock)
 
 

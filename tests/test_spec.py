@@ -150,6 +150,7 @@ BAD = [
     ("bad scheduler", {"train": {"scheduler": "step"}}, "train.scheduler", "not one of"),
     ("bad checkpointing", {"train": {"gradient_checkpointing": "sometimes"}}, "train.gradient_checkpointing", "not one of"),
     ("negative gpus", {"resources": {"gpus_per_trial": -1}}, "resources.gpus_per_trial", ">= 0"),
+    ("bad runner", {"resources": {"runner": "fast"}}, "resources.runner", "not one of train, tune"),
     ("section not mapping", {"lora": 16}, "lora", "mapping"),
     ("name with slash", {"name": "a/b"}, "name", "slashes"),
     ("interpolation", {"model": {"name": "${oc.env:HF_TOKEN}"}}, "model.name", "interpolation"),
