@@ -52,14 +52,16 @@ def test_submit_places_the_trial_on_the_gpu(tiny_spec_file):
         assert 0 < row.peak_mem_gb < T4_GIB
 
 
-def test_fractional_gpus_run_trials_side_by_side(tiny_spec_file):
-    """``gpus_per_trial: 0.5``: both trials of the grid share the one GPU at the same time."""
+@pytest.mark.parametrize("runner", ["train", "tune"])
+def test_fractional_gpus_run_trials_side_by_side(tiny_spec_file, runner):
+    """``gpus_per_trial: 0.5``: both trials of the grid share the one GPU at the same time, in
+    a Train worker each or (runner tune) in their Tune processes, which Ray gave the GPU."""
     import json
     from datetime import datetime
 
     result = CliRunner().invoke(app, ["submit", str(tiny_spec_file), "resources.gpus_per_trial=0.5",
                                       "resources.cpus_per_trial=1", "quantization.compute_dtype=fp16",
-                                      "sweep={lora.r: [2, 4]}", "--no-dashboard"])
+                                      f"resources.runner={runner}", "sweep={lora.r: [2, 4]}", "--no-dashboard"])
     assert result.exit_code == 0, result.output
     assert "2 at a time" in result.output
     spec = load_spec(tiny_spec_file)
@@ -69,5 +71,7 @@ def test_fractional_gpus_run_trials_side_by_side(tiny_spec_file):
         assert row.status == FINISHED, row
         status = json.loads((Path(spec.experiment_dir) / row.trial_id / "status.json").read_text())
         spans.append([datetime.fromisoformat(status[k]).timestamp() for k in ("started_at", "ended_at")])
+        start = json.loads((Path(spec.experiment_dir) / row.trial_id / "events.jsonl").read_text().splitlines()[0])
+        assert start["cuda_visible_devices"] == "0", start
     (a_start, a_end), (b_start, b_end) = spans
     assert a_start < b_end and b_start < a_end  # the two trials overlapped in time
