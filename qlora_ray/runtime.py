@@ -922,10 +922,12 @@ def _quiet_ray_loggers() -> Iterator[None]:
 
 def run_grid(spec: JobSpec, storage: Storage, todo: List[Trial], baseline_ref: Optional[ray.ObjectRef],
              cluster: Cluster, console, skipped: int = 0) -> None:
-    """The Tune grid over ``todo`` (one TorchTrainer per trial); returns when all have ended."""
+    """The Tune grid over ``todo`` (each trial a TorchTrainer, or its own trainer with runner
+    tune); returns when all have ended."""
     fault = os.environ.get(FAULT_ENV)
     sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo}, baseline=storage.read_text(results.BASELINE_FILE),
-                  baseline_ref=baseline_ref, fault_step=int(fault) if fault else None, crash_trial=os.environ.get(DRIVER_FAULT_ENV) or None)
+                  baseline_ref=baseline_ref, fault_step=int(fault) if fault else None,
+                  crash_trial=os.environ.get(DRIVER_FAULT_ENV) or None)
     limit = concurrency(spec, cluster, len(todo))
     console.print(f"running {len(todo)} trial(s), {limit} at a time"
                   + (f"; {skipped} already finished (skipped)" if skipped else ""), highlight=False)
