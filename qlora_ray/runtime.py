@@ -533,7 +533,10 @@ def finish_baseline(ref: Optional[ray.ObjectRef], storage: Storage, say: Callabl
         text = ray.get(ref)
     except ray.exceptions.RayError as e:
         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-        say(f"baseline: measuring the base model failed ({_reason(cause)}); each trial measured it itself")
+        reason = _reason(cause)
+        if not reason.startswith(type(cause).__name__):
+            reason = f"{type(cause).__name__}: {reason}"
+        say(f"baseline: measuring the base model failed ({reason}); each trial measured it itself")
         return
     storage.write_text(results.BASELINE_FILE, text)
     say(f"baseline: saved {storage.uri(results.BASELINE_FILE)}")

@@ -259,6 +259,42 @@ with runtime.connect() as cluster:
 
 # ---------------------------------------------------------------- no Ray needed
 
+def test_base_model_task_beside_the_trials_is_saved_or_left_to_them(tmp_path):
+    """A trial takes the base-model task's figures only once it has finished (never waits);
+    after the grid a finished task's figures become ``baseline.json``, while a failed one or
+    one still running (then cancelled) is reported and leaves each trial's own figures."""
+    code = f"""
+import json, time, ray
+from qlora_ray import runtime
+from qlora_ray.evaluate import Baseline
+said = []
+with runtime.connect(dashboard=False):
+    storage = runtime.Storage({str(tmp_path / "exp")!r})
+    done = ray.remote(lambda: Baseline(perplexity=12.5, target_tokens=3).to_json()).remote()
+    failed = ray.remote(lambda: 1 / 0).options(max_retries=0).remote()
+    slow = ray.remote(lambda: time.sleep(120)).remote()
+    ray.wait([done, failed], num_returns=2)
+    figures = {{name: runtime._base_figures(ref)() for name, ref in
+               (("done", done), ("failed", failed), ("slow", slow))}}
+    for ref in (slow, failed):
+        runtime.finish_baseline(ref, storage, said.append)
+        assert not storage.exists("baseline.json")
+    runtime.finish_baseline(done, storage, said.append)
+    print(json.dumps({{"figures": {{k: v and v.perplexity for k, v in figures.items()}}, "said": said,
+                      "saved": json.loads(storage.read_text("baseline.json"))["perplexity"]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, _out(proc)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["figures"] == {"done": 12.5, "failed": None, "slow": None}
+    assert seen["saved"] == 12.5
+    not_done, failed, saved = seen["said"]
+    assert not_done.startswith("baseline: not done when the trials ended")
+    assert failed == ("baseline: measuring the base model failed (ZeroDivisionError: division by zero); "
+                      "each trial measured it itself")
+    assert saved == f"baseline: saved {tmp_path / 'exp' / 'baseline.json'}"
+
+
 def test_submit_exit_status_names_the_trials_that_did_not_finish(tiny_spec_file, monkeypatch):
     """`qlora-ray submit` exits 0 only when every trial of the spec finished; else 1, with one
     line naming each trial that did not and why (rows an earlier, wider sweep left do not count)."""
