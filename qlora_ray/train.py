@@ -123,12 +123,7 @@ class _State:
 def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
     """Train one trial of ``spec`` into ``run.trial_dir``; see the module docstring."""
     started = time.time()
-    if torch.cuda.is_initialized():
-        # A process that ran an earlier trial (Tune hands finished trial processes on): free what
-        # that one left cached, and start this trial's peak from here.
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     trial_dir = Path(run.trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "resolved_spec.yaml").write_text(to_yaml(spec), encoding="utf-8")
@@ -604,11 +599,31 @@ def _seed(seed: int) -> None:
 # ---------------------------------------------------------------- small helpers
 
 def peak_memory_gb(device) -> float:
-    """Peak memory of this process: CUDA ``max_memory_allocated`` on a GPU, peak RSS on the CPU."""
+    """Peak memory since ``reset_peak_memory``: CUDA ``max_memory_allocated`` on a GPU, peak RSS
+    on the CPU (Linux's VmHWM; elsewhere the process's lifetime peak)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 2**30
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss * 1024 / 2**30
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for ``peak_memory_gb``: a process that ran an earlier trial (Tune hands
+    finished trial processes on) frees what that one left cached and forgets its peak."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 def _sync(device) -> None:

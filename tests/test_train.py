@@ -150,6 +150,18 @@ def test_base_figures_measured_alongside_or_after_training(reference, tmp_path):
     assert json.loads((trial / "baseline.json").read_text())["perplexity"] == result.base_ppl
 
 
+def test_peak_memory_starts_again_for_each_trial_in_a_process():
+    """Tune hands finished trial processes to the next trial (runner tune): each trial's peak
+    memory is its own, not the largest of the trials that ran in the process before it."""
+    import numpy as np
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    high = training.peak_memory_gb("cpu")
+    del big
+    training.reset_peak_memory()
+    assert high - training.peak_memory_gb("cpu") > 0.3
+
+
 def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
     spec, trial = reference["spec"], tmp_path / "trial"
     recorder = Recorder(monkeypatch)
