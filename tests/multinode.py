@@ -161,7 +161,7 @@ def _serve() -> None:
     def start_head(args):
         return Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **loopback, **args})
 
-    cluster, nodes = None, {}
+    cluster, nodes, removed_max = None, {}, 0
     for line in sys.stdin:
         message = json.loads(line)
         start = time.time()
@@ -175,10 +175,12 @@ def _serve() -> None:
                 reply = {"address": cluster.address,
                          "nodes": {i: n.node_id for i, n in nodes.items()}}
             elif message["op"] == "add":
-                index = max(nodes) + 1
+                # Never an index a removed node had: tests tell attempts apart by node index.
+                index = max(max(nodes), removed_max) + 1
                 nodes[index] = retry(lambda: cluster.add_node(**loopback, **message["args"]))
                 reply = {"index": index, "node_id": nodes[index].node_id}
             elif message["op"] == "remove":
+                removed_max = max(removed_max, message["index"])
                 cluster.remove_node(nodes.pop(message["index"]), allow_graceful=message["graceful"])
                 reply = {}
             elif message["op"] == "actors":

@@ -156,9 +156,8 @@ def record(tmp_path, tmp_path_factory, request, capsys):
 
 
 def _worker_nodes(cluster: LoopbackCluster, trial: Path) -> List[Optional[int]]:
-    """Cluster node index of each attempt of a trial's Train worker (by the pids it logged)."""
-    by_pid = {a["pid"]: a["node_id"] for a in cluster.actors("RayTrainWorker")}
-    return [cluster.node_index(by_pid.get(s["pid"], "")) for s in _starts(trial)]
+    """Cluster node index of each attempt of a trial's training process (the node it logged)."""
+    return [cluster.node_index(s["node_id"]) for s in _starts(trial)]
 
 
 def _board(exp: Path) -> Dict[str, Any]:
@@ -168,13 +167,14 @@ def _board(exp: Path) -> Dict[str, Any]:
 # ---------------------------------------------------------------- a worker node dies mid-trial
 
 def _node_kill(cluster, tiny_spec_file, name: str, sweep: str, n_trials: int, replace: bool,
-               timeout: float) -> Dict[str, Any]:
+               timeout: float, runner: str = "train") -> Dict[str, Any]:
     """Run the sweep; SIGKILL the node under the first trial that passes step 7 (checkpoints
     every 5 of 15 steps); optionally add a fresh T4 node at once (what an autoscaler would do).
     Returns the measurements; asserts a complete leaderboard and one clean history per trial."""
     _ensure_two_t4(cluster)
     workers_at_start = set(_t4_workers(cluster))
-    spec = _spec(tiny_spec_file, name, sweep, train="{max_steps: 15, checkpoint_every: 5, log_every: 1}")
+    spec = _spec(tiny_spec_file, name, sweep, train="{max_steps: 15, checkpoint_every: 5, log_every: 1}",
+                 resources=f"runner: {runner}")
     exp = tiny_spec_file.parent / "runs" / name
     sweep_run = Sweep(cluster, spec)
 
@@ -186,10 +186,8 @@ def _node_kill(cluster, tiny_spec_file, name: str, sweep: str, n_trials: int, re
         return None
 
     victim = _wait_for("a trial past step 7", running_past_7, sweep_run, timeout=timeout)
-    pid = _starts(victim)[0]["pid"]
-    node_id = next(a["node_id"] for a in cluster.actors("RayTrainWorker") if a["pid"] == pid and a["state"] == "ALIVE")
-    node = cluster.node_index(node_id)
-    assert node in workers_at_start, f"the Train worker of {victim.name} runs on node {node}, not a T4 worker"
+    node = cluster.node_index(_starts(victim)[0]["node_id"])
+    assert node in workers_at_start, f"the training process of {victim.name} runs on node {node}, not a T4 worker"
     t_kill = time.time()
     kill_s = cluster.remove_node(node, graceful=False)
     # Every step the dead worker finished and logged, and its rows (to tell re-done steps apart).
@@ -241,7 +239,8 @@ def _node_kill(cluster, tiny_spec_file, name: str, sweep: str, n_trials: int, re
     # Trials spread over both T4 workers the pool had at the start; the head ran no worker.
     assert {p[0] for p in placements.values()} == workers_at_start, placements
     return {
-        "fault": "worker node SIGKILLed mid-trial" + (" (+ replacement node)" if replace else " (no replacement)"),
+        "fault": "worker node SIGKILLed mid-trial" + (" (+ replacement node)" if replace else " (no replacement)")
+                 + ("" if runner == "train" else f", runner {runner}"),
         "trials": n_trials, "victim": victim.name, "killed_node": node, "steps_done_before_kill": steps_done,
         "resumed_from_step": resumed_at, "steps_lost": steps_done - resumed_at,
         "seconds_to_restart": round(t_restart - t_kill, 1), "seconds_to_progress": round(t_progress - t_kill, 1),
@@ -258,6 +257,15 @@ def test_node_killed_mid_trial_resumes_on_another_t4(pool, tiny_spec_file, recor
     on another node, and the leaderboard is complete."""
     result = _node_kill(pool, tiny_spec_file, "nodekill2", "{lora.r: [4, 8]}", n_trials=2, replace=True,
                         timeout=420)
+    record(result)
+
+
+@pytest.mark.slow
+def test_node_killed_under_a_tune_runner_trial_resumes_on_another_t4(pool, tiny_spec_file, record):
+    """The same with ``resources.runner: tune``: the whole trial process dies with its node, and
+    Tune restarts it on another T4 from its last checkpoint (``tune.get_checkpoint()``)."""
+    result = _node_kill(pool, tiny_spec_file, "nodekilltune", "{lora.r: [4, 8]}", n_trials=2, replace=True,
+                        timeout=420, runner="tune")
     record(result)
 
 
