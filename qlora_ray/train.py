@@ -254,12 +254,10 @@ def _step_with_fallback(model, group, optimizer, scheduler, scaler, params, t: T
         message = str(e).splitlines()[0]
     # Outside the handler, so the failed step's tensors (held by the traceback) are freed first.
     optimizer.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
+    reset_peak_memory()  # the failed attempt's peak is not what the run needs from here on
     log.warning("step %d ran out of GPU memory (%s); gradient checkpointing is on from now on", step, message)
     say(f"step {step}: out of GPU memory without gradient checkpointing; retrying with it on")
     set_gradient_checkpointing(model, True)
-    if torch.cuda.is_available():  # the failed attempt's peak is not what the run needs from here on
-        torch.cuda.reset_peak_memory_stats()
     try:
         return _step(model, group, optimizer, scheduler, scaler, params, t, step, pad_id)
     except torch.OutOfMemoryError as e:
