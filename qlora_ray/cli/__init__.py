@@ -8,5 +8,6 @@ from qlora_ray.cli import ray_cmds  # noqa: E402,F401
 from qlora_ray.cli import cluster_cmds  # noqa: E402,F401
 from qlora_ray.cli import data_cmds  # noqa: E402,F401
 from qlora_ray.cli import train_cmds  # noqa: E402,F401
+from qlora_ray.cli import export_cmds  # noqa: E402,F401
 
 __all__ = ["app", "main"]

@@ -1,0 +1,261 @@
+"""Export a trained adapter as GGUF (llama.cpp, Ollama), kept only if its perplexity holds.
+
+Two forms:
+
+- merged (default): the adapter merged into its unquantized base (peft ``merge_and_unload``,
+  as ``qlora-ray merge`` does), converted to one GGUF at ``f16`` or ``q8_0`` by llama.cpp's
+  ``convert_hf_to_gguf.py``, then re-loaded through transformers (``gguf_file=``);
+- ``adapter_only``: a LoRA GGUF by ``convert_lora_to_gguf.py``, for ``llama-cli --lora`` or an
+  Ollama ``ADAPTER`` line over a GGUF of the base; read back with the ``gguf`` package into
+  the adapter on its quantized base, at llama.cpp's scale (alpha / r).
+
+Either way the eval perplexity of what was written is measured on the same target tokens as
+the adapter's on its quantized base (the model that was trained), and the export is refused
+when it drifts by more than the tolerance. Everything is built in a hidden temp folder beside
+``out`` and renamed into place only after the check, so a refusal or a crash leaves nothing.
+The converter itself, and why it is llama.cpp's, is described in :mod:`qlora_ray.converter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from qlora_ray.converter import Converter, ensure_converter
+from qlora_ray.errors import UserError
+from qlora_ray.files import publish_dir
+from qlora_ray.spec import DataSpec, JobSpec, QuantizationSpec
+
+OUTTYPES = ("f16", "q8_0")
+CHECK_FILE = "export_check.json"
+MODELFILE = "Modelfile"
+
+
+@dataclass
+class ExportOptions:
+    """What ``export_gguf`` writes and how strictly it checks it."""
+
+    outtype: str = "q8_0"
+    adapter_only: bool = False
+    tolerance: float = 0.02
+    data_file: Optional[str] = None      # eval data for the check; default: the adapter's eval set
+    max_examples: Optional[int] = None
+    converter_sdist: Optional[Path] = None
+
+
+@dataclass
+class ExportCheck:
+    """The drift check, written beside the GGUF as ``export_check.json``."""
+
+    adapter: str
+    gguf: str
+    kind: str                 # "merged" or "lora"
+    outtype: str
+    adapter_ppl: float        # the adapter on its quantized base
+    gguf_ppl: float           # what the GGUF computes
+    drift: float              # gguf_ppl / adapter_ppl - 1
+    tolerance: float
+    target_tokens: int
+    merged_ppl: Optional[float] = None   # the 16-bit merge before conversion
+
+
+class DriftError(Exception):
+    """The written model's perplexity drifted past the tolerance; nothing was kept."""
+
+    def __init__(self, message: str, check: ExportCheck):
+        super().__init__(message)
+        self.check = check
+
+
+@dataclass
+class _Eval:
+    batches: List[dict]
+    adapter_ppl: float
+    tokens: int
+
+
+def check_options(options: ExportOptions, out: Path) -> None:
+    """Refuse bad options before any model is loaded."""
+    if options.outtype not in OUTTYPES:
+        raise UserError(f"--outtype: '{options.outtype}' is not one of {', '.join(OUTTYPES)}")
+    if not options.tolerance >= 0:
+        raise UserError(f"--tolerance: must be >= 0, got {options.tolerance}")
+    if options.max_examples is not None and options.max_examples < 1:
+        raise UserError(f"--max-examples: must be >= 1, got {options.max_examples}")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"OUT: '{out}' already exists; give a new folder")
+
+
+def eval_data(spec: JobSpec, options: ExportOptions) -> DataSpec:
+    """The data the check measures on: ``--data`` read as the adapter was trained to read, or its eval set."""
+    if options.data_file is None:
+        return dataclasses.replace(spec.data, max_eval_examples=options.max_examples or spec.data.max_eval_examples)
+    path = options.data_file
+    if not path.startswith("hf://"):
+        path = os.path.abspath(os.path.expanduser(path))
+    return DataSpec(train=path, eval=path, format="auto", packing=False, max_seq_len=spec.data.max_seq_len,
+                    chat_template=spec.data.chat_template, train_on_prompt=spec.data.train_on_prompt,
+                    max_train_examples=1, max_eval_examples=options.max_examples, seed=spec.data.seed,
+                    cache_dir=spec.data.cache_dir)
+
+
+def merge_adapter(adapter_dir: Path, device):
+    """The adapter merged into its unquantized base: ``(model, tokenizer)``.
+
+    fp32, so that the only rounding between the adapter and the file is the GGUF's own
+    ``--outtype``. The one place that merges for export; it can follow the library's merge.
+    """
+    from peft import PeftModel
+
+    from qlora_ray.model import adapter_spec, load_base
+
+    spec = adapter_spec(adapter_dir)
+    spec.quantization = QuantizationSpec(mode="none", double_quant=False, compute_dtype="fp32")
+    base, tokenizer = load_base(spec, device=device)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.eval()
+    return merged, tokenizer
+
+
+def gguf_stem(adapter_dir: Path) -> str:
+    """``<trial id>`` for ``<trial>/adapter``, else the adapter folder's name."""
+    return adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
+
+
+def export_gguf(target, out, options: ExportOptions, say: Callable[[str], None] = print) -> ExportCheck:
+    """Write ``out/`` (GGUF, ``Modelfile``, ``export_check.json``) for the adapter at ``target``.
+
+    Raises :class:`DriftError` when the GGUF's perplexity drifts past ``options.tolerance``
+    and :class:`UserError` for bad input or a failed conversion; ``out`` is then not created.
+    """
+    from qlora_ray.model import adapter_spec, find_adapter, pick_device
+
+    out = Path(out)
+    check_options(options, out)
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir)
+    converter = ensure_converter(spec.data.cache_dir, options.converter_sdist, say)
+    device = pick_device(None)
+    say("measuring the adapter on its quantized base...")
+    measured, tokenizer = _measure_adapter(adapter_dir, spec, options, device)
+    kind = "lora" if options.adapter_only else "merged"
+    name = f"{gguf_stem(adapter_dir)}{'.lora' if options.adapter_only else ''}.{options.outtype}.gguf"
+    with publish_dir(out) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        if options.adapter_only:
+            check = _export_lora(adapter_dir, spec, converter, tmp / name, work, measured, options, say)
+        else:
+            check = _export_merged(adapter_dir, spec, converter, tmp / name, work, measured, options, say)
+        _refuse_drift(check)
+        shutil.rmtree(work)
+        (tmp / MODELFILE).write_text(_modelfile_text(spec, tokenizer, name, kind), encoding="utf-8")
+        (tmp / CHECK_FILE).write_text(json.dumps(asdict(check), indent=1) + "\n", encoding="utf-8")
+    check.gguf = str(out / name)
+    return check
+
+
+def _measure_adapter(adapter_dir: Path, spec: JobSpec, options: ExportOptions, device):
+    from qlora_ray import data
+    from qlora_ray.evaluate import perplexity
+    from qlora_ray.model import load_adapter
+
+    model, tokenizer, _ = load_adapter(adapter_dir, device=device)
+    try:
+        prepared = data.prepare(eval_data(spec, options), tokenizer)
+    except UserError as e:
+        raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
+    batches = list(data.eval_batches(prepared, spec.eval.batch_size))
+    ppl, tokens = perplexity(model, batches)
+    if tokens == 0:
+        raise UserError("the eval data has no target tokens to check the export on; pass --data FILE")
+    return _Eval(batches, ppl, tokens), tokenizer
+
+
+def _export_merged(adapter_dir, spec, converter: Converter, gguf: Path, work: Path, measured: _Eval,
+                   options: ExportOptions, say) -> ExportCheck:
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ray.evaluate import perplexity
+    from qlora_ray.model import pick_device
+
+    device = pick_device(None)
+    say("merging into the unquantized base...")
+    merged, tokenizer = merge_adapter(adapter_dir, device)
+    merged_ppl, _ = perplexity(merged, measured.batches)
+    merged.config.use_cache = True
+    if spec.data.chat_template:  # trained with the spec's template: the GGUF should carry that one
+        tokenizer.chat_template = spec.data.chat_template
+    merged.save_pretrained(work / "hf", safe_serialization=True)
+    tokenizer.save_pretrained(work / "hf")
+    del merged
+    say(f"converting to GGUF ({options.outtype})...")
+    converter.run("convert_hf_to_gguf.py", [work / "hf", "--outtype", options.outtype, "--outfile", gguf],
+                  work / "convert.log")
+    say("re-loading the GGUF through transformers and measuring it...")
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any failure to read it back is a failed export
+        raise UserError(f"the converted GGUF does not load back through transformers: {type(e).__name__}: {e}; "
+                        "nothing was written") from None
+    gguf_ppl, _ = perplexity(reloaded.to(device), measured.batches)
+    return ExportCheck(adapter=str(adapter_dir), gguf=str(gguf), kind="merged", outtype=options.outtype,
+                       adapter_ppl=measured.adapter_ppl, gguf_ppl=gguf_ppl,
+                       drift=gguf_ppl / measured.adapter_ppl - 1.0, tolerance=options.tolerance,
+                       target_tokens=measured.tokens, merged_ppl=merged_ppl)
+
+
+def _export_lora(adapter_dir, spec, converter: Converter, gguf: Path, work: Path, measured: _Eval,
+                 options: ExportOptions, say) -> ExportCheck:
+    from qlora_ray.evaluate import perplexity
+    from qlora_ray.lora_gguf import load_lora_gguf
+    from qlora_ray.model import load_adapter, resolve_source
+
+    source = resolve_source(spec.model, spec.data.cache_dir)
+    base = ["--base", source.path] if Path(source.path).is_dir() else ["--base-model-id", source.path]
+    say(f"converting the adapter to a LoRA GGUF ({options.outtype})...")
+    converter.run("convert_lora_to_gguf.py", [adapter_dir, *base, "--outtype", options.outtype, "--outfile", gguf],
+                  work / "convert.log")
+    say("reading the LoRA GGUF back into the adapter and measuring it...")
+    model, _, _ = load_adapter(adapter_dir)
+    load_lora_gguf(model, gguf)
+    gguf_ppl, _ = perplexity(model, measured.batches)
+    return ExportCheck(adapter=str(adapter_dir), gguf=str(gguf), kind="lora", outtype=options.outtype,
+                       adapter_ppl=measured.adapter_ppl, gguf_ppl=gguf_ppl,
+                       drift=gguf_ppl / measured.adapter_ppl - 1.0, tolerance=options.tolerance,
+                       target_tokens=measured.tokens)
+
+
+def _refuse_drift(check: ExportCheck) -> None:
+    if abs(check.drift) <= check.tolerance:
+        return
+    hint = ("an f16 export drifts less than q8_0" if check.outtype == "q8_0" else
+            "the adapter learned to correct the quantized base, not the 16-bit one")
+    raise DriftError(
+        f"refusing to export: the GGUF's eval perplexity {check.gguf_ppl:.4f} drifts {check.drift:+.2%} from the "
+        f"adapter's {check.adapter_ppl:.4f} (--tolerance {check.tolerance:.2%}); nothing written. "
+        f"Hint: {hint}; pass a larger --tolerance if this drift is acceptable.", check)
+
+
+def _modelfile_text(spec: JobSpec, tokenizer, name: str, kind: str) -> str:
+    from qlora_ray.modelfile import modelfile
+
+    if kind == "merged":
+        return modelfile(f"./{name}", tokenizer, spec.data.chat_template)
+    base = spec.model.name
+    if base.endswith(".gguf"):
+        base = str(Path(base).expanduser().resolve())
+    else:
+        from qlora_ray.model import OFFLINE_MODELS, _package_file
+
+        if base in OFFLINE_MODELS:
+            base = str(_package_file(*OFFLINE_MODELS[base]))
+    text = modelfile(base, tokenizer, spec.data.chat_template, adapter=f"./{name}")
+    return text.replace(f"FROM {base}", f"# FROM: a GGUF of the base model {spec.model.name}\nFROM {base}", 1)
