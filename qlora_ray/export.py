@@ -199,6 +199,7 @@ def _export_merged(adapter_dir, spec, converter: Converter, gguf: Path, work: Pa
     say(f"converting to GGUF ({options.outtype})...")
     converter.run("convert_hf_to_gguf.py", [work / "hf", "--outtype", options.outtype, "--outfile", gguf],
                   work / "convert.log")
+    _add_rope_base(gguf, work / "hf" / "config.json")
     say("re-loading the GGUF through transformers and measuring it...")
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -231,6 +232,41 @@ def _export_lora(adapter_dir, spec, converter: Converter, gguf: Path, work: Path
                        adapter_ppl=measured.adapter_ppl, gguf_ppl=gguf_ppl,
                        drift=gguf_ppl / measured.adapter_ppl - 1.0, tolerance=options.tolerance,
                        target_tokens=measured.tokens)
+
+
+def _add_rope_base(gguf_file: Path, config_file: Path) -> None:
+    """Write the rotary base into the GGUF when the converter left it out.
+
+    The pinned converter reads ``rope_theta`` from ``AutoConfig(...).to_dict()``, which
+    transformers 5 files under ``rope_parameters``; the file then gets llama.cpp's default
+    base (10,000). For SmolLM2 (base 100,000) that raised eval perplexity by 4.4%, caught
+    by the drift check. The key is added with gguf's own metadata copier
+    (``gguf_new_metadata``), tensors untouched. Rotary scaling (``rope_type`` other than
+    default) is lost the same way, and silently at short contexts: refused.
+    """
+    import contextlib
+    import io
+
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"the model's rotary scaling ({rope.get('rope_type')}) would be dropped by the pinned "
+                        "converter under transformers 5 (it reads rope_scaling); not exported")
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    reader = gguf.GGUFReader(str(gguf_file))
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    key = gguf.Keys.Rope.FREQ_BASE.format(arch=arch)
+    if theta is None or reader.get_field(key) is not None:
+        return
+    fixed = gguf_file.with_name(f".{gguf_file.name}.rope")
+    writer = gguf.GGUFWriter(str(fixed), arch=arch, endianess=reader.endianess)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        copy_with_new_metadata(reader, writer, {key: MetadataDetails(gguf.GGUFValueType.FLOAT32, float(theta))}, [])
+    del reader
+    os.replace(fixed, gguf_file)
 
 
 def _refuse_drift(check: ExportCheck) -> None:

@@ -89,8 +89,7 @@ def stop_tokens(tokenizer, pieces: Optional[ChatPieces], generation_eos=None) ->
     if pieces is not None:
         found += sorted((t for t in specials if t and (t in pieces.after["assistant"] or t in pieces.before["user"])),
                         key=lambda t: (pieces.after["assistant"] + pieces.before["user"]).find(t))
-    pad = tokenizer.pad_token
-    return [t for i, t in enumerate(found) if t and t != pad and t not in found[:i]]
+    return [t for i, t in enumerate(found) if t and t not in found[:i]]
 
 
 def _go_literal(text: str) -> Optional[str]:
