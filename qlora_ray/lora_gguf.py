@@ -83,7 +83,7 @@ def load_lora_gguf(model, path: Path) -> int:
             if tuple(layer.weight.shape) != values.shape:
                 raise UserError(f"{path}: {gguf_name} has shape {values.shape}, the adapter {tuple(layer.weight.shape)}")
             with torch.no_grad():
-                layer.weight.copy_(torch.from_numpy(values).to(layer.weight.dtype))
+                layer.weight.copy_(torch.tensor(values, dtype=layer.weight.dtype))
         module.scaling["default"] = float(alpha) / a.shape[0]
         count += 1
     if count == 0:
