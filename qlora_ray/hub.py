@@ -57,7 +57,7 @@ def plan_upload(target, repo_id: str, adapter: bool = False, merged: Optional[Pa
     row = _trial_row(trial_dir)
     check = next((json.loads((folder / f).read_text(encoding="utf-8")) for f in _CHECK_FILES
                   if (folder / f).is_file()), None)
-    card = model_card(spec, row, kind, files, data_fingerprint(spec, adapter_dir), check)
+    card = model_card(spec, row, kind, files, data_fingerprint(spec), check)
     return UploadPlan(repo_id=repo_id, kind=kind, folder=folder, files=files, card=card,
                       trial=row.trial_id if row else adapter_dir.name)
 
@@ -92,7 +92,7 @@ def _trial_row(trial_dir: Optional[Path]):
     return row
 
 
-def data_fingerprint(spec, adapter_dir: Path) -> Optional[str]:
+def data_fingerprint(spec) -> Optional[str]:
     """The tokenized-data cache key of the trial's data (files, tokenizer, template, settings), or
     None when the data is not on this machine (or on the Hub: it is not fetched for a card)."""
     from qlora_ray.data import cache
@@ -101,10 +101,11 @@ def data_fingerprint(spec, adapter_dir: Path) -> Optional[str]:
 
     if str(spec.data.train).startswith("hf://") or str(spec.data.eval or "").startswith("hf://"):
         return None
-    try:
-        from transformers import AutoTokenizer
+    from qlora_ray.model import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    try:
+        # The training tokenizer, as training built it: the adapter's saved copy hashes differently.
+        tokenizer = load_tokenizer(spec.model, spec.data.cache_dir)
         sources = {"train": source_identity(resolve_source(spec.data.train, "data.train")),
                    "eval": source_identity(resolve_source(spec.data.eval, "data.eval")) if spec.data.eval else None}
         key, _ = cache.fingerprint(spec.data, sources, tokenizer, Encoder(tokenizer, spec.data.chat_template,

@@ -186,7 +186,9 @@ def test_push_dry_run_lists_files_and_prints_the_card(trained, monkeypatch):
     assert "adapter_model.safetensors" in result.output and "adapter_config.json" in result.output
     row = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"{row['base_ppl']:.3f}" in result.output and f"{row['eval_ppl']:.3f}" in result.output
-    assert "Data fingerprint: `" in result.output and "## Resolved spec" in result.output
+    assert "## Resolved spec" in result.output
+    fingerprint = result.output.split("Data fingerprint: `")[1].split("`")[0]
+    assert (Path(USER_CACHE).expanduser() / "data" / fingerprint).is_dir()  # the key training cached under
     assert "lora:\n  r: 4" in result.output
 
 

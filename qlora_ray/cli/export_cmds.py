@@ -112,10 +112,10 @@ def push(
     plan = plan_upload(target, repo_id, adapter=adapter, merged=merged, gguf=gguf)
     console.print(f"{'would upload' if dry_run else 'uploading'} to {plan.repo_id} ({plan.kind}):", highlight=False)
     for path, size in plan.listing():
-        console.print(f"  {path}  {size:,} bytes", highlight=False)
+        console.print(f"  {path}  {size:,} bytes", highlight=False, soft_wrap=True)
     if dry_run:
         console.print("\n--- README.md (model card) ---", highlight=False)
-        console.print(plan.card, markup=False, highlight=False)
+        console.print(plan.card, markup=False, highlight=False, soft_wrap=True)
         return
     url = upload(plan, private=private)
     console.print(f"[green]pushed[/]: {url}", highlight=False)
