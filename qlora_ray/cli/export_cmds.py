@@ -48,8 +48,9 @@ def export(
     Merges the adapter into the unquantized base, converts it with llama.cpp's
     convert_hf_to_gguf.py (fetched once into the cache from the llama-cpp-python source
     package, hash checked), re-loads the GGUF through transformers and measures its eval
-    perplexity against the adapter's. Above --tolerance the export is refused with exit
-    status 1 and nothing is written. OUT also gets an Ollama Modelfile (chat template,
+    perplexity against the adapter's. When it is worse than the adapter by more than
+    --tolerance, or differs from the merge it was converted from by more than that, the
+    export is refused with exit status 1 and nothing is written. OUT also gets an Ollama Modelfile (chat template,
     system prompt and stop tokens of the model's tokenizer) and export_check.json.
 
     Examples:
