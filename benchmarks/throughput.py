@@ -96,7 +96,7 @@ def eval_loss(model, rows: list[list[int]], pad_id: int) -> float:
 def run_qlora_ray(model_dir: Path, work: Path, train_file: Path, eval_file: Path, variant: dict,
                   skip_steps: int, smoke: bool) -> dict:
     """qlora-ray's ``fit`` for one epoch over the training rows, with the variant's levers."""
-    from qlora_ray import evaluate
+    from qlora_ray import loss
     from qlora_ray import train as training
     from qlora_ray.spec import load_spec
 
@@ -120,17 +120,17 @@ output: {{dir: {work}/runs}}
 """)
     spec = load_spec(spec_file)
     seen: list[dict] = []
-    find_head = evaluate._decoder_and_head
+    find_head = loss._decoder_and_head
     if variant.get("full_head"):
         # The loss as it was before the target-only head: token_loss's path for models whose
         # logits are more than head(hidden), logits on every position.
-        evaluate._decoder_and_head = lambda model: (None, None)
+        loss._decoder_and_head = lambda model: (None, None)
     _reset_memory()
     try:
         result = training.fit(spec, lambda metrics, checkpoint: seen.append(dict(metrics)),
                               training.RunContext(trial_dir=str(work / "trial")))
     finally:
-        evaluate._decoder_and_head = find_head
+        loss._decoder_and_head = find_head
     steps = [r for r in seen if "tokens" in r and not r.get("done")]
     start = steps[min(skip_steps, len(steps) - 1) - 1] if len(steps) > 1 else steps[0]
     end = steps[-1]

@@ -1,4 +1,4 @@
-"""Writing a folder so that readers see all of it or none of it."""
+"""Writing a file or a folder so that readers see all of it or none of it."""
 
 from __future__ import annotations
 
@@ -31,4 +31,17 @@ def publish_dir(final: Path) -> Iterator[Path]:
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temp file beside it, renamed): a reader of a running sweep
+    never sees half a file, and a crash leaves the old content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -3,14 +3,10 @@
 Pure file work (no torch, no ray), so it runs on a laptop against a finished sweep, or against
 one still running: everything is read from what each trial has written so far.
 
-An experiment folder ``<output.dir>/<name>/`` holds:
-
-- ``experiment.json``: the plan (trial ids and swept values), written at submit time, so trials
-  that have not started yet still get a row;
-- ``baseline.json``: the base model's perplexity on the eval set (computed once);
-- one folder per trial, named by its id, with ``status.json`` (state, failure reason, final
-  metrics, the runtime's wall time), ``metrics.jsonl`` (one row per report: step, loss, ...),
-  ``resolved_spec.yaml``, ``samples.md`` and ``adapter/`` (written by the training code).
+It reads the records of an experiment folder (names in ``layout``, types in ``records``): the
+plan in ``experiment.json`` (so trials that have not started yet still get a row), the base
+figures in ``baseline.json``, and per trial ``status.json`` (the runtime's state, reason and wall
+time), ``result.json`` (the final figures) and ``metrics.jsonl`` (one row per logged step).
 
 :func:`write_leaderboard` adds ``leaderboard.{csv,json,md,png}`` and ``best -> <trial>``.
 """
@@ -24,20 +20,16 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
-EXPERIMENT_FILE = "experiment.json"
-BASELINE_FILE = "baseline.json"
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_LINK = "best"
-LEADERBOARD = "leaderboard"
+from qlora_ray import layout, records
+from qlora_ray.files import write_text
+from qlora_ray.records import TrialState
 
-# States a trial moves through; the order is also the leaderboard's order after the ranking.
-PENDING, RUNNING, FINISHED, FAILED, STOPPED = "pending", "running", "finished", "failed", "stopped"
+# Trial states (``records.TrialState`` values), for readers comparing with a row's ``status``.
+PENDING, RUNNING, FINISHED, FAILED, STOPPED = (s.value for s in TrialState)
+# The leaderboard's order after the ranking.
 _STATE_ORDER = {FINISHED: 0, RUNNING: 1, STOPPED: 2, PENDING: 3, FAILED: 4}
-# Folders in an experiment that are never trials.
-_NOT_TRIALS = {"_ray", BEST_LINK}
 
 
 @dataclass
@@ -98,98 +90,58 @@ class Leaderboard:
 
 # ---------------------------------------------------------------- reading
 
-def read_json(path: Path) -> Optional[Dict[str, Any]]:
-    """A JSON object from ``path``, or None when it is missing or half-written."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically (a reader of a running sweep never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Dict[str, Any]) -> None:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def read_metrics(path: Path) -> List[Dict[str, Any]]:
-    """Rows of a ``metrics.jsonl``; a torn last line (trial writing right now) is skipped."""
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return rows
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _first(rows: Iterable[Dict[str, Any]], *keys: str) -> Optional[Any]:
-    """The latest value of the first key present in any row (rows oldest first)."""
-    for row in reversed(list(rows)):
-        for key in keys:
-            if key in row and row[key] is not None:
-                return row[key]
-    return None
-
-
 def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRow:
     """A leaderboard row from one trial folder (whatever it holds so far)."""
-    status = read_json(folder / STATUS_FILE) or {}
-    metrics = read_metrics(folder / METRICS_FILE)
-    final = status.get("result") or {}
-    if not final:
-        done = [m for m in metrics if m.get("done")]
-        final = done[-1] if done else {}
-    state = status.get("status") or (FINISHED if final else RUNNING if metrics else PENDING)
-    if state == RUNNING and final.get("done"):
-        state = FINISHED  # the final report landed; the runtime has not stamped it yet
-    rows = metrics + ([final] if final else [])
-    losses = [(m["step"], m["loss"]) for m in metrics
-              if _num(m.get("step")) and _num(m.get("loss")) and not m.get("done")]
+    status = records.TrialStatus.read(folder / layout.STATUS_FILE)
+    result = records.TrialResult.read(folder / layout.RESULT_FILE)
+    final = result.final if result else None
+    steps = records.read_metrics(folder / layout.METRICS_FILE)
+    last = steps[-1] if steps else None
+    if status is not None:
+        state = status.status
+        if state == TrialState.RUNNING and final is not None:
+            state = TrialState.FINISHED  # the final figures landed; the runtime has not stamped it yet
+    else:
+        state = TrialState.FINISHED if final else TrialState.RUNNING if steps else TrialState.PENDING
+    latest = final or last
     return TrialRow(
-        trial_id=status.get("trial_id") or folder.name,
-        values=status.get("values") or values or {},
-        status=state,
-        reason=status.get("reason"),
-        step=_first(rows, "step"),
-        total_steps=_first(rows, "total_steps", "max_steps") or status.get("total_steps"),
-        base_ppl=_first([final], "base_ppl"),
-        eval_ppl=_first([final], "eval_ppl"),
-        ppl_change=_first([final], "ppl_change"),
-        train_loss=_first([final], "train_loss") if final else _first(metrics, "loss"),
-        tokens_per_s=_first(rows, "tokens_per_s"),
-        peak_mem_gb=_first(rows, "peak_mem_gb"),
-        train_wall_s=_first([final], "wall_s"),
-        trial_wall_s=status.get("trial_wall_s"), overhead_parts=status.get("overhead"),
-        attempts=status.get("attempts"),
+        trial_id=(status.trial_id if status else None) or folder.name,
+        values=(status.values if status else None) or values or {},
+        status=state.value,
+        reason=status.reason if status else None,
+        step=latest.step if latest else None,
+        total_steps=(latest.total_steps if latest else None) or (status.total_steps if status else None),
+        base_ppl=final.base_ppl if final else None,
+        eval_ppl=final.eval_ppl if final else None,
+        ppl_change=final.ppl_change if final else None,
+        train_loss=final.train_loss if final else (last.loss if last else None),
+        tokens_per_s=_latest(final, last, "tokens_per_s"),
+        peak_mem_gb=_latest(final, last, "peak_mem_gb"),
+        train_wall_s=final.wall_s if final else None,
+        trial_wall_s=status.trial_wall_s if status else None,
+        overhead_parts=status.overhead.fields() if status and status.overhead else None,
+        attempts=status.attempts if status else None,
         dir=str(folder),
-        losses=losses,
+        losses=[(m.step, m.loss) for m in steps if _num(m.loss)],
     )
 
 
+def _latest(final: Optional[records.FinalMetrics], last: Optional[records.StepMetrics], key: str) -> Any:
+    for record in (final, last):
+        value = getattr(record, key, None) if record is not None else None
+        if value is not None:
+            return value
+    return None
+
+
 def _is_trial_dir(path: Path) -> bool:
-    return (path.is_dir() and not path.is_symlink() and path.name not in _NOT_TRIALS
+    return (path.is_dir() and not path.is_symlink() and path.name not in layout.NOT_TRIALS
             and not path.name.startswith(".")
-            and any((path / f).exists() for f in (STATUS_FILE, METRICS_FILE, "resolved_spec.yaml")))
+            and any((path / f).exists() for f in layout.TRIAL_MARKERS))
 
 
 def read_leaderboard(exp_dir: str | os.PathLike) -> Leaderboard:
@@ -197,24 +149,24 @@ def read_leaderboard(exp_dir: str | os.PathLike) -> Leaderboard:
     exp = Path(exp_dir)
     if not exp.is_dir():
         raise FileNotFoundError(f"no experiment folder at {exp}")
-    plan = read_json(exp / EXPERIMENT_FILE) or {}
-    planned = {t["id"]: t.get("values", {}) for t in plan.get("trials", []) if isinstance(t, dict) and "id" in t}
+    plan = records.ExperimentPlan.read(exp / layout.EXPERIMENT_FILE) or records.ExperimentPlan(name=exp.name)
+    planned = {t.id: t.values for t in plan.trials}
     rows = {tid: read_trial(exp / tid, values) for tid, values in planned.items()}
     for folder in sorted(exp.iterdir()):
         if folder.name not in rows and _is_trial_dir(folder):
             rows[folder.name] = read_trial(folder)
-    keys = list(plan.get("sweep_keys") or [])
+    keys = list(plan.sweep_keys)
     for row in rows.values():
         keys += [k for k in row.values if k not in keys]
-    baseline = read_json(exp / BASELINE_FILE) or {}
-    base = baseline.get("perplexity")
+    baseline = records.Baseline.read(exp / layout.BASELINE_FILE)
+    base = baseline.perplexity if baseline else None
     if not _num(base):
         base = next((r.base_ppl for r in rows.values() if _num(r.base_ppl)), None)
     for row in rows.values():
         if row.base_ppl is None and _num(base):
             row.base_ppl = base
     ranked = sorted(rows.values(), key=_rank_key)
-    return Leaderboard(name=plan.get("name") or exp.name, sweep_keys=keys, rows=ranked,
+    return Leaderboard(name=plan.name or exp.name, sweep_keys=keys, rows=ranked,
                        base_ppl=base if _num(base) else None)
 
 
@@ -307,7 +259,7 @@ def to_markdown(board: Leaderboard) -> str:
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     best = board.best
     if best is not None:
-        lines += ["", f"Best: `{best.trial_id}` (eval ppl {best.eval_ppl:.2f}); adapter in `{BEST_LINK}/adapter/`."]
+        lines += ["", f"Best: `{best.trial_id}` (eval ppl {best.eval_ppl:.2f}); adapter in `{layout.BEST_LINK}/{layout.ADAPTER_DIR}/`."]
     if board.failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- `{r.trial_id}`: {r.reason or 'no reason recorded'}" for r in board.failed]
@@ -328,7 +280,7 @@ def to_csv(board: Leaderboard) -> str:
 
 def to_json(board: Leaderboard) -> Dict[str, Any]:
     best = board.best
-    return {"name": board.name, "sweep_keys": board.sweep_keys, "base_ppl": board.base_ppl,
+    return {records.SCHEMA_KEY: records.SCHEMA_VERSION, "name": board.name, "sweep_keys": board.sweep_keys, "base_ppl": board.base_ppl,
             "best": best.trial_id if best else None, "counts": board.counts(),
             "trials": to_records(board)}
 
@@ -426,19 +378,19 @@ def write_leaderboard(exp_dir: str | os.PathLike, with_plot: bool = True) -> Lea
     """Write ``leaderboard.{csv,json,md}`` (and ``.png``) and point ``best`` at the best trial."""
     exp = Path(exp_dir)
     board = read_leaderboard(exp)
-    write_text(exp / f"{LEADERBOARD}.md", to_markdown(board))
-    write_text(exp / f"{LEADERBOARD}.csv", to_csv(board))
-    write_json(exp / f"{LEADERBOARD}.json", to_json(board))
+    write_text(exp / layout.leaderboard_file("md"), to_markdown(board))
+    write_text(exp / layout.leaderboard_file("csv"), to_csv(board))
+    write_text(exp / layout.leaderboard_file("json"), json.dumps(to_json(board), indent=2, default=str) + "\n")
     if with_plot:
-        tmp = exp / f".{LEADERBOARD}.{os.getpid()}.png"
-        os.replace(plot(board, tmp), exp / f"{LEADERBOARD}.png")
+        final = exp / layout.leaderboard_file("png")
+        os.replace(plot(board, exp / f".{layout.LEADERBOARD}.{os.getpid()}.png"), final)
     link_best(exp, board)
     return board
 
 
 def link_best(exp: Path, board: Leaderboard) -> Optional[Path]:
     """``best -> <trial id>`` (relative, so the folder can move); removed when nothing finished."""
-    link = exp / BEST_LINK
+    link = exp / layout.BEST_LINK
     best = board.best
     if link.is_symlink():
         link.unlink()

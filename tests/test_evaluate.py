@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import write_tiny_spec
 from qlora_ray import data, evaluate
+from qlora_ray import loss as loss_module
 from qlora_ray.cli import app
 from qlora_ray.model import load_base
 from qlora_ray.spec import load_spec
@@ -25,7 +26,7 @@ def loaded(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     path = write_tiny_spec(folder, tiny_model_dir, tiny_data_dir, quantization="{mode: none, compute_dtype: fp32}",
                            eval=f"{{prompts: {tiny_data_dir}/prompts.txt, max_new_tokens: 5, max_prompts: 1}}")
     spec = load_spec(path)
-    model, tokenizer = load_base(spec)
+    model, tokenizer = load_base(spec)[:2]
     return model, tokenizer, data.prepare(spec.data, tokenizer), spec
 
 
@@ -174,7 +175,7 @@ def test_token_loss_head_on_targets_only_matches_full_logits(loaded, monkeypatch
     from qlora_ray.model import add_lora
 
     _, tokenizer, prepared, spec = loaded
-    model, _ = load_base(spec)
+    model = load_base(spec).model
     model = add_lora(model, spec)
     batch = next(iter(data.train_batches(prepared, spec.data, 4, 0, 0)))
 
@@ -192,9 +193,9 @@ def test_token_loss_head_on_targets_only_matches_full_logits(loaded, monkeypatch
     torch.manual_seed(0)
     expected = full_logits_loss()
     expected_grads = grads(expected)
-    monkeypatch.setattr(evaluate, "CE_CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(loss_module, "CE_CHUNK", 7)  # several chunks, the last one partial
     torch.manual_seed(0)
-    loss, count = evaluate.token_loss(model, batch)
+    loss, count = loss_module.token_loss(model, batch)
     assert count == int((batch["labels"][:, 1:] != -100).sum()) > 7
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     got = grads(loss)

@@ -17,13 +17,15 @@ import torch
 from typer.testing import CliRunner
 
 from qlora_ray import train as training
+from qlora_ray.train import checkpoint as checkpoint_module
+from qlora_ray.train import step as step_module
 from qlora_ray.cli import app
 from qlora_ray.spec import TrainSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_JOB = ROOT / "jobs" / "hinglish_smoke.yaml"
 FINAL_KEYS = {"step", "train_loss", "eval_ppl", "base_ppl", "ppl_change", "tokens_per_s", "peak_mem_gb",
-              "wall_s", "train_s", "done"}
+              "wall_s", "train_s"}
 
 
 def tiny_spec(folder: Path, model_dir: Path, data_dir: Path, overrides=()):
@@ -46,20 +48,20 @@ output: {{dir: {folder}/runs}}
 
 
 class Recorder:
-    """Wraps the loss function ``fit`` calls: a fingerprint of every micro-batch trained on."""
+    """Wraps the step's model forward: a fingerprint of every micro-batch trained on."""
 
     def __init__(self, monkeypatch, fail_at=None):
         self.seen, self.fail_at = [], fail_at
-        real = training.token_loss
+        real = step_module.model_loss
 
-        def wrapped(model, batch):
+        def wrapped(model, batch, dtype):
             self.seen.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12])
-            loss, count = real(model, batch)
+            loss, count = real(model, batch, dtype)
             if self.fail_at is not None and len(self.seen) == self.fail_at:
                 loss = loss * float("inf")
             return loss, count
 
-        monkeypatch.setattr(training, "token_loss", wrapped)
+        monkeypatch.setattr(step_module, "model_loss", wrapped)
 
 
 class Killed(Exception):
@@ -96,24 +98,28 @@ def reference(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 
 def test_fit_trains_and_writes_the_trial_folder(reference):
     result, reports, trial = reference["result"], reference["reports"], reference["trial"]
-    assert result.step == 6 and result.total_steps == 6 and result.done
+    assert result.step == 6 and result.total_steps == 6
     # The model learns: tuned perplexity on the held-out set is below the base's, loss falls.
     assert result.eval_ppl < result.base_ppl
     assert result.ppl_change == pytest.approx(result.eval_ppl / result.base_ppl - 1)
-    losses = [m["loss"] for m, _ in reports if not m.get("done")]
+    losses = [m["loss"] for m, _ in reports]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    # Checkpoints are reported at steps 3 and 6; the final report has every figure and done=True.
+    # Checkpoints are reported at steps 3 and 6; every report is a step row (no flag rides in it).
     assert [(m["step"], Path(c).name) for m, c in reports if c] == [(3, "step_3"), (6, "step_6")]
-    final, checkpoint = reports[-1]
-    assert checkpoint is None and FINAL_KEYS <= set(final) and final["done"] is True
-    assert all(math.isfinite(final[k]) for k in FINAL_KEYS - {"done"})
+    assert all("done" not in m and "final" not in m for m, _ in reports)
+    # The final figures are the result, stored once: result.json.
+    final = json.loads((trial / "result.json").read_text())
+    assert final["schema"] == 1 and final["error"] is None
+    final = final["final"]
+    assert FINAL_KEYS <= set(final) and final == result.fields()
+    assert all(math.isfinite(final[k]) for k in FINAL_KEYS)
     assert final["tokens_per_s"] > 0 and final["peak_mem_gb"] > 0
     # 8 micro-batches of 4 packed rows per epoch: step 4 starts epoch 1.
     assert [m["epoch"] for m, _ in reports[:6]] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-    assert {p.name for p in trial.iterdir()} >= {"resolved_spec.yaml", "metrics.jsonl", "samples.md", "adapter",
-                                                 "checkpoints", "baseline.json"}
+    assert {p.name for p in trial.iterdir()} >= {"resolved_spec.yaml", "metrics.jsonl", "result.json", "samples.md",
+                                                 "adapter", "checkpoints", "baseline.json"}
     rows = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6] and rows[-1]["done"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and {r["schema"] for r in rows} == {1}
     assert {p.name for p in (trial / "adapter").iterdir()} >= {
         "adapter_config.json", "adapter_model.safetensors", "qlora_ray_spec.yaml", "tokenizer.json"}
     checkpoint_files = {p.name for p in (trial / "checkpoints" / "step_6").iterdir()}
@@ -172,7 +178,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
 
     result, reports = run_fit(spec, trial, resume_from=str(trial / "checkpoints" / "step_3"))
     assert result.step == reference["result"].step == 6
-    assert [m["step"] for m, _ in reports] == [4, 5, 6, 6]
+    assert [m["step"] for m, _ in reports] == [4, 5, 6]
     # Same batches in the same order (the resumed epoch skips what was trained), same losses.
     assert recorder.seen == reference["batches"]
     expected = [m["loss"] for m, _ in reference["reports"][3:6]]
@@ -181,7 +187,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
     assert result.eval_ppl == pytest.approx(reference["result"].eval_ppl, rel=1e-5)
     assert result.base_ppl == pytest.approx(reference["result"].base_ppl, rel=1e-9)
     steps = [json.loads(line)["step"] for line in (trial / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, caplog):
@@ -196,7 +202,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
         result, reports = run_fit(reference["spec"], trial, resume_from=str(optimizer.parent))
     assert "step_6 is unusable" in caplog.text and "earlier checkpoint" in caplog.text
-    assert [m["step"] for m, _ in reports] == [4, 5, 6, 6]
+    assert [m["step"] for m, _ in reports] == [4, 5, 6]
     assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
 
 
@@ -210,7 +216,7 @@ def test_half_written_checkpoint_is_detected(tmp_path):
 
 
 class FullDisk:
-    """``open`` for train.py's checkpoint writer: once ``full`` is set, files opened for writing
+    """``open`` for the checkpoint writer: once ``full`` is set, files opened for writing
     under ``root`` take ``room`` more bytes in all, then the write fails with ``code`` (ENOSPC:
     what a full disk does to a write; part of the data is on disk)."""
 
@@ -260,7 +266,7 @@ def test_full_disk_while_checkpointing_is_a_clear_error(tmp_path, tiny_model_dir
     if how == "disk full mid-file":
         code, words = errno.ENOSPC, "no space left on device"
         disk = FullDisk(root, code)
-        monkeypatch.setattr(training, "open", disk, raising=False)
+        monkeypatch.setattr(checkpoint_module, "open", disk, raising=False)
     else:
         code, words = errno.EDQUOT, "disk quota exceeded"
         disk = FullDisk(root, code)
@@ -312,7 +318,7 @@ def test_resume_prefers_a_newer_sound_checkpoint_than_the_one_ray_hands_back(ref
 
     # The worker died between writing step_6 and its metrics row: resuming there would leave a
     # gap in the history, so Ray's step 3 stands.
-    rows = [line for line in metrics.splitlines() if json.loads(line).get("done") or json.loads(line)["step"] != 6]
+    rows = [line for line in metrics.splitlines() if json.loads(line)["step"] != 6]
     (trial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
@@ -327,13 +333,13 @@ def test_resume_prefers_a_newer_sound_checkpoint_than_the_one_ray_hands_back(ref
     (step_6 / "manifest.json").unlink()
     assert training.find_checkpoint(str(ray_3), trial) == step_3
 
-    # fit itself resumes from the newer checkpoint: at step 6 of 6 only the final report is left.
+    # fit itself resumes from the newer checkpoint: at step 6 of 6 only the evaluation is left.
     shutil.rmtree(step_6)
     shutil.copytree(reference["trial"] / "checkpoints" / "step_6", step_6)
     shutil.rmtree(ray_3)
     shutil.copytree(step_3, ray_3)
     result, reports = run_fit(reference["spec"], trial, resume_from=str(ray_3))
-    assert [m["step"] for m, _ in reports] == [6] and reports[0][0]["done"]
+    assert reports == [] and result.step == 6
     assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
 
 
@@ -387,7 +393,7 @@ def _smoke(extra=()):
     assert result.exit_code == 0, result.output
     spec = load_spec(SMOKE_JOB, [e for e in extra if "=" in e])
     trial = Path(spec.experiment_dir) / spec.name
-    final = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+    final = json.loads((trial / "result.json").read_text())["final"]
     print(f"\nsmoke: wall {wall:.0f}s, base ppl {final['base_ppl']:.2f} -> tuned {final['eval_ppl']:.2f} "
           f"({final['ppl_change']:+.1%}), {final['tokens_per_s']:.0f} tokens/s, peak {final['peak_mem_gb']:.2f} GiB")
     print((trial / "samples.md").read_text())
@@ -398,7 +404,7 @@ def _smoke(extra=()):
 def test_smoke_job_on_offline_smollm2(smollm2_gguf, tmp_path):
     """`qlora-ray train jobs/hinglish_smoke.yaml` on the CPU: a large perplexity drop in minutes."""
     final, trial = _smoke()
-    assert final["done"] and final["step"] == load_spec(SMOKE_JOB).train.max_steps
+    assert final["step"] == load_spec(SMOKE_JOB).train.max_steps
     assert final["ppl_change"] < -0.3
     assert (trial / "samples.md").is_file()
 
@@ -411,7 +417,7 @@ def test_smoke_job_on_cuda_fp16_nf4(smollm2_gguf, tmp_path):
         pytest.skip("needs CUDA")
     final, trial = _smoke(["resources.gpus_per_trial=1",
                            "quantization.mode=nf4", "quantization.compute_dtype=fp16"])
-    assert final["done"] and final["ppl_change"] < -0.3
+    assert final["ppl_change"] < -0.3
     resolved = (trial / "resolved_spec.yaml").read_text()
     assert "compute_dtype: fp16" in resolved
     assert final["peak_mem_gb"] < 15  # fits a T4
@@ -425,19 +431,19 @@ def test_auto_checkpointing_switches_on_when_a_step_runs_out_of_memory(tmp_path,
     from qlora_ray.model import gradient_checkpointing_on
 
     spec = tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, ["train.gradient_checkpointing=auto", "train.max_steps=3"])
-    real, states = training.token_loss, []
+    real, states = step_module.model_loss, []
 
-    def flaky(model, batch):
+    def flaky(model, batch, dtype):
         states.append(gradient_checkpointing_on(model))
         if len(states) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, batch)
+        return real(model, batch, dtype)
 
-    monkeypatch.setattr(training, "token_loss", flaky)
+    monkeypatch.setattr(step_module, "model_loss", flaky)
     result, reports = run_fit(spec, tmp_path / "trial")
     assert result.step == 3 and math.isfinite(result.train_loss)
     assert states[0] is False and all(states[1:])  # off at first, on from the retry onwards
-    assert [r["step"] for r, _ in reports if not r.get("done")] == [1, 2, 3]
+    assert [r["step"] for r, _ in reports] == [1, 2, 3]
 
     (tmp_path / "on").mkdir()
     on = tiny_spec(tmp_path / "on", tiny_model_dir, tiny_data_dir, ["train.gradient_checkpointing=true"])

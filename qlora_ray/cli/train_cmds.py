@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,8 +17,7 @@ from rich.table import Table
 from qlora_ray.cli.app import app, console, err_console, user_errors
 from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray.errors import UserError
-from qlora_ray.files import publish_dir
-from qlora_ray.spec import DATA_FORMATS, URI_SCHEMES, DataSpec, QuantizationSpec, load_spec
+from qlora_ray.spec import URI_SCHEMES, load_spec
 
 
 def _quiet_libraries() -> None:
@@ -121,20 +119,6 @@ def _fmt(value, pattern: str) -> str:
 
 # ---------------------------------------------------------------- eval
 
-def _eval_data(spec, data_file: str, fmt: str, max_examples: Optional[int],
-               max_seq_len: Optional[int]) -> DataSpec:
-    """A DataSpec reading ``data_file`` as the eval split, with the adapter's tokenization settings."""
-    if fmt not in DATA_FORMATS:
-        raise UserError(f"--format: '{fmt}' is not one of {', '.join(DATA_FORMATS)}")
-    if not data_file.startswith("hf://"):
-        data_file = os.path.abspath(os.path.expanduser(data_file))
-    return DataSpec(train=data_file, eval=data_file, format=fmt, packing=False,
-                    max_seq_len=max_seq_len or spec.data.max_seq_len,
-                    chat_template=spec.data.chat_template, train_on_prompt=spec.data.train_on_prompt,
-                    max_train_examples=1, max_eval_examples=max_examples, seed=spec.data.seed,
-                    cache_dir=spec.data.cache_dir)
-
-
 @app.command("eval")
 @user_errors
 def eval_(
@@ -154,35 +138,23 @@ def eval_(
       qlora-ray eval runs/hinglish_smoke/hinglish_smoke --data data/hinglish/eval.jsonl
       qlora-ray eval runs/hinglish_smoke --data ../shared/data/hinglish-real/hinglish_real.jsonl
     """
-    from qlora_ray import data
-    from qlora_ray.evaluate import perplexity
-    from qlora_ray.model import adapter_spec, find_adapter, load_adapter
+    from qlora_ray.adapters import eval_data, evaluate_adapter
 
     _quiet_libraries()
-    adapter_dir = find_adapter(target)
-    dspec = _eval_data(adapter_spec(adapter_dir), data_file, fmt, max_examples, max_seq_len)
-    with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, spec = load_adapter(adapter_dir)
-        prepared = data.prepare(dspec, tokenizer)
-    batches = data.eval_batches(prepared, batch_size)
-    with err_console.status(f"measuring {prepared.eval_stats.examples} examples..."):
-        tuned, tokens = perplexity(model, batches)
-        with model.disable_adapter():
-            base, _ = perplexity(model, batches)
-    out = {"adapter": str(adapter_dir), "data": dspec.eval, "examples": prepared.eval_stats.examples,
-           "skipped": sum(prepared.eval_stats.skipped.values()), "target_tokens": tokens,
-           "base_ppl": base, "tuned_ppl": tuned, "ppl_change": tuned / base - 1.0}
+    result = evaluate_adapter(target, lambda spec: eval_data(spec, data_file, fmt, max_examples, max_seq_len),
+                              batch_size, status=err_console.status)
     if as_json:
-        console.print_json(json.dumps(out))
+        console.print_json(json.dumps(dataclasses.asdict(result)))
         return
     table = Table(title=f"perplexity on {data_file}")
     table.add_column("model")
     table.add_column("ppl", justify="right")
-    table.add_row(f"base ({spec.model.name}, {spec.quantization.mode})", f"{base:.3f}")
-    table.add_row(f"tuned ({adapter_dir})", f"{tuned:.3f}")
+    table.add_row(f"base ({result.base_model}, {result.quantization})", f"{result.base_ppl:.3f}")
+    table.add_row(f"tuned ({result.adapter})", f"{result.tuned_ppl:.3f}")
     console.print(table)
-    console.print(f"change {out['ppl_change']:+.1%} over {tokens:,} target tokens in {out['examples']} examples"
-                  + (f" ({out['skipped']} rows skipped)" if out["skipped"] else ""), highlight=False)
+    console.print(f"change {result.ppl_change:+.1%} over {result.target_tokens:,} target tokens in "
+                  f"{result.examples} examples" + (f" ({result.skipped} rows skipped)" if result.skipped else ""),
+                  highlight=False)
 
 
 # ---------------------------------------------------------------- chat
@@ -210,12 +182,12 @@ def chat(
     _quiet_libraries()
     adapter_dir = find_adapter(target)
     with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, _ = load_adapter(adapter_dir)
+        model, tokenizer, dtype, _ = load_adapter(adapter_dir)
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages: list) -> str:
         with model.disable_adapter() if base else contextlib.nullcontext():
-            return chat_reply(model, tokenizer, messages, max_new_tokens)
+            return chat_reply(model, tokenizer, messages, max_new_tokens, dtype)
 
     if prompt is not None:
         console.print(answer(opening + [{"role": "user", "content": prompt}]), markup=False, highlight=False)
@@ -264,56 +236,10 @@ def merge(
     Example:
       qlora-ray merge runs/hinglish_smoke/hinglish_smoke merged/hinglish-smollm2
     """
-    from peft import PeftModel
-
-    from qlora_ray import data
-    from qlora_ray.evaluate import perplexity
-    from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, pick_device
+    from qlora_ray.adapters import MergeOptions, merge_adapter
 
     _quiet_libraries()
-    if dtype not in ("bf16", "fp16"):
-        raise UserError(f"--dtype: '{dtype}' is not bf16 or fp16")
-    if tolerance < 0:
-        raise UserError(f"--tolerance: must be >= 0, got {tolerance}")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise UserError(f"OUT: '{out}' already exists; give a new folder")
-    adapter_dir = find_adapter(target)
-    spec = adapter_spec(adapter_dir)
-    if data_file is not None:
-        dspec = _eval_data(spec, data_file, "auto", max_examples, None)
-    else:
-        dspec = dataclasses.replace(spec.data, max_eval_examples=max_examples or spec.data.max_eval_examples)
-    device = pick_device(None)
-
-    with err_console.status("measuring the adapter on its quantized base..."):
-        model, tokenizer, _ = load_adapter(adapter_dir, device=device)
-        try:
-            prepared = data.prepare(dspec, tokenizer)
-        except UserError as e:
-            raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
-        batches = data.eval_batches(prepared, spec.eval.batch_size)
-        adapter_ppl, tokens = perplexity(model, batches)
-        del model
-    with err_console.status(f"merging into the {dtype} base and measuring it..."):
-        spec.quantization = QuantizationSpec(mode="none", double_quant=False, compute_dtype=dtype)
-        base, _ = load_base(spec, device=device)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged_ppl, _ = perplexity(merged, batches)
-    drift = merged_ppl / adapter_ppl - 1.0
-    console.print(f"eval perplexity over {tokens:,} target tokens: adapter (on {adapter_spec(adapter_dir).quantization.mode} "
-                  f"base) {adapter_ppl:.4f}, merged ({dtype}) {merged_ppl:.4f}, drift {drift:+.2%}", highlight=False)
-    if not abs(drift) <= tolerance:
-        raise UserError(
-            f"refusing to merge: the merged model's eval perplexity {merged_ppl:.4f} drifts {drift:+.2%} from "
-            f"the adapter's {adapter_ppl:.4f} (--tolerance {tolerance:.2%}); nothing written. The adapter "
-            "learned to correct the quantized base, not the 16-bit one. Serve the adapter on the quantized "
-            "base, or pass a larger --tolerance if this drift is acceptable.")
-    merged.config.use_cache = True
-    # `out` is new or an empty folder (checked above), so replacing it loses nothing.
-    with publish_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "merge_check.json").write_text(json.dumps(
-            {"adapter": str(adapter_dir), "dtype": dtype, "adapter_ppl": adapter_ppl, "merged_ppl": merged_ppl,
-             "drift": drift, "tolerance": tolerance, "target_tokens": tokens}, indent=1), encoding="utf-8")
+    options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples)
+    merge_adapter(target, out, options, status=err_console.status,
+                  say=lambda text: console.print(text, highlight=False))
     console.print(f"[green]merged[/]: {out}", highlight=False)

@@ -1,0 +1,151 @@
+"""What to do with a trained adapter: measure it against its base on any data, merge it into its
+16-bit base if its perplexity holds. The policies live here; ``qlora-ray eval`` and ``merge``
+bind arguments and render.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Optional
+
+from qlora_ray import data, layout
+from qlora_ray.errors import UserError
+from qlora_ray.evaluate import perplexity
+from qlora_ray.files import publish_dir, write_text
+from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, pick_device
+from qlora_ray.records import MergeCheck
+from qlora_ray.spec import DATA_FORMATS, DataSpec, JobSpec, QuantizationSpec
+
+# Shows what is going on while a block runs (a spinner on a terminal); a no-op by default.
+Status = Callable[[str], ContextManager]
+
+
+def _quiet_status(text: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def eval_data(spec: JobSpec, data_file: str, fmt: str = "auto", max_examples: Optional[int] = None,
+              max_seq_len: Optional[int] = None) -> DataSpec:
+    """A DataSpec reading ``data_file`` as the eval split, with the adapter's tokenization settings."""
+    if fmt not in DATA_FORMATS:
+        raise UserError(f"--format: '{fmt}' is not one of {', '.join(DATA_FORMATS)}")
+    if not data_file.startswith("hf://"):
+        data_file = os.path.abspath(os.path.expanduser(data_file))
+    return DataSpec(train=data_file, eval=data_file, format=fmt, packing=False,
+                    max_seq_len=max_seq_len or spec.data.max_seq_len,
+                    chat_template=spec.data.chat_template, train_on_prompt=spec.data.train_on_prompt,
+                    max_train_examples=1, max_eval_examples=max_examples, seed=spec.data.seed,
+                    cache_dir=spec.data.cache_dir)
+
+
+@dataclass
+class AdapterEval:
+    """An adapter and its base model measured on the same target tokens."""
+
+    adapter: str
+    data: str
+    base_model: str
+    quantization: str
+    examples: int
+    skipped: int
+    target_tokens: int
+    base_ppl: float
+    tuned_ppl: float
+    ppl_change: float
+
+
+def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_size: int = 8,
+                     status: Status = _quiet_status) -> AdapterEval:
+    """Perplexity of the adapter at ``target`` (an adapter, trial or experiment folder) and of its
+    base (adapter switched off) on the data ``dspec_for(adapter's spec)`` names."""
+    adapter_dir = find_adapter(target)
+    dspec = dspec_for(adapter_spec(adapter_dir))
+    with status("loading the adapter and its base model..."):
+        model, tokenizer, dtype, spec = load_adapter(adapter_dir)
+        prepared = data.prepare(dspec, tokenizer)
+    batches = data.eval_batches(prepared, batch_size)
+    with status(f"measuring {prepared.eval_stats.examples} examples..."):
+        tuned, tokens = perplexity(model, batches, dtype)
+        with model.disable_adapter():
+            base, _ = perplexity(model, batches, dtype)
+    return AdapterEval(adapter=str(adapter_dir), data=dspec.eval, base_model=spec.model.name,
+                       quantization=spec.quantization.mode, examples=prepared.eval_stats.examples,
+                       skipped=sum(prepared.eval_stats.skipped.values()), target_tokens=tokens,
+                       base_ppl=base, tuned_ppl=tuned, ppl_change=tuned / base - 1.0)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge: the merged weights' dtype, the largest accepted perplexity drift, the check's data."""
+
+    dtype: str = "bf16"
+    tolerance: float = 0.02
+    data_file: Optional[str] = None
+    max_examples: Optional[int] = None
+
+    def check(self, out: Path) -> None:
+        if self.dtype not in ("bf16", "fp16"):
+            raise UserError(f"--dtype: '{self.dtype}' is not bf16 or fp16")
+        if self.tolerance < 0:
+            raise UserError(f"--tolerance: must be >= 0, got {self.tolerance}")
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise UserError(f"OUT: '{out}' already exists; give a new folder")
+
+
+def merge_adapter(target, out: Path, options: MergeOptions, status: Status = _quiet_status,
+                  say: Callable[[str], None] = lambda text: None) -> MergeCheck:
+    """Merge the adapter at ``target`` into its 16-bit base and save it to ``out`` (safetensors),
+    unless the merged model's eval perplexity drifts from the adapter's by more than the
+    tolerance: the adapter learned to correct the quantized base, not the 16-bit one. Then
+    nothing is written and a UserError says so."""
+    options.check(out)
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir)
+    trained_on = spec.quantization.mode
+    if options.data_file is not None:
+        dspec = eval_data(spec, options.data_file, "auto", options.max_examples, None)
+    else:
+        dspec = dataclasses.replace(spec.data, max_eval_examples=options.max_examples or spec.data.max_eval_examples)
+    device = pick_device(None)
+    with status("measuring the adapter on its quantized base..."):
+        model, tokenizer, adapter_dtype, _ = load_adapter(adapter_dir, device=device)
+        try:
+            prepared = data.prepare(dspec, tokenizer)
+        except UserError as e:
+            raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
+        batches = data.eval_batches(prepared, spec.eval.batch_size)
+        adapter_ppl, tokens = perplexity(model, batches, adapter_dtype)
+        del model
+    with status(f"merging into the {options.dtype} base and measuring it..."):
+        merged, merged_dtype = _merged(adapter_dir, spec, options.dtype, device)
+        merged_ppl, _ = perplexity(merged, batches, merged_dtype)
+    check = MergeCheck(adapter=str(adapter_dir), dtype=options.dtype, adapter_ppl=adapter_ppl, merged_ppl=merged_ppl,
+                       drift=merged_ppl / adapter_ppl - 1.0, tolerance=options.tolerance, target_tokens=tokens)
+    say(f"eval perplexity over {tokens:,} target tokens: adapter (on {trained_on} base) {adapter_ppl:.4f}, "
+        f"merged ({options.dtype}) {merged_ppl:.4f}, drift {check.drift:+.2%}")
+    if not abs(check.drift) <= options.tolerance:
+        raise UserError(
+            f"refusing to merge: the merged model's eval perplexity {merged_ppl:.4f} drifts {check.drift:+.2%} from "
+            f"the adapter's {adapter_ppl:.4f} (--tolerance {options.tolerance:.2%}); nothing written. The adapter "
+            "learned to correct the quantized base, not the 16-bit one. Serve the adapter on the quantized "
+            "base, or pass a larger --tolerance if this drift is acceptable.")
+    merged.config.use_cache = True
+    # `out` is new or an empty folder (checked above), so replacing it loses nothing.
+    with publish_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / layout.MERGE_CHECK_FILE, check.to_json() + "\n")
+    return check
+
+
+def _merged(adapter_dir: Path, spec: JobSpec, dtype: str, device):
+    """The adapter merged into its base loaded unquantized in ``dtype``, and its compute dtype."""
+    from peft import PeftModel
+
+    spec.quantization = QuantizationSpec(mode="none", double_quant=False, compute_dtype=dtype)
+    base = load_base(spec, device=device)
+    return PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload(), base.compute_dtype

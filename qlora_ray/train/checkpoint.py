@@ -1,0 +1,269 @@
+"""Checkpoints of a trial: ``<trial>/checkpoints/step_<N>/`` with the adapter, optimizer,
+schedule, scaler, position and RNG states, and a manifest of sizes and sha256.
+
+A checkpoint is written to a temp folder and renamed into place, so a torn or corrupted one is
+detected on resume and an earlier one is used instead (with a warning). Resuming restores the
+exact step, data position and RNG streams: an interrupted and resumed run takes the same steps
+on the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from qlora_ray import layout
+from qlora_ray.errors import disk_full_error
+from qlora_ray.files import publish_dir
+from qlora_ray.layout import step_of
+from qlora_ray.model import device_of
+from qlora_ray.records import read_metrics, to_line
+from qlora_ray.train.optim import TrainParts
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2  # the newest two: if the last is torn, the one before still resumes
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint needs besides tensors: position and running sums."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0          # next micro-batch within the epoch
+    tokens: int = 0         # non-padding tokens trained on, all attempts
+    train_s: float = 0.0    # time in the training loop, all attempts
+    wall_s: float = 0.0     # fit() wall time up to the checkpoint, earlier attempts
+    window: Dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "targets": 0, "tokens": 0, "s": 0.0})
+    last_loss: Optional[float] = None
+
+
+
+def save_checkpoint(trial_dir: Path, state: TrainState, parts: TrainParts) -> Path:
+    """Write ``checkpoints/step_<N>/`` atomically (temp folder, manifest, rename); keep the newest two.
+
+    Every file is serialized in memory and written with plain Python I/O, so a full disk is an
+    ``OSError`` with its errno (torch's own writer reports it as ``unexpected pos``). A full
+    disk or quota raises :class:`~qlora_ray.errors.DiskFullError` saying where; whatever fails,
+    the temp folder is removed and the earlier checkpoints are left as they were.
+    """
+    import io
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save as safetensors_bytes
+
+    def write(path: Path, blob) -> None:
+        with open(path, "wb") as f:
+            f.write(blob)
+
+    def write_torch(obj, path: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        write(path, buffer.getbuffer())
+
+    final = layout.checkpoint_dir(trial_dir, state.step)
+    root = final.parent
+    try:
+        with publish_dir(final) as tmp:
+            # Adapter weights only: peft would add the (tied) embeddings when the vocabulary grew
+            # by a pad token; load_base rebuilds those rows deterministically.
+            adapter = get_peft_model_state_dict(parts.model, save_embedding_layers=False)
+            weights = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
+            write(tmp / layout.ADAPTER_WEIGHTS, safetensors_bytes(weights))
+            write_torch(parts.optimizer.state_dict(), tmp / layout.OPTIMIZER_FILE)
+            write_torch(parts.scheduler.state_dict(), tmp / layout.SCHEDULER_FILE)
+            if parts.scaler is not None:
+                write_torch(parts.scaler.state_dict(), tmp / layout.SCALER_FILE)
+            write_torch(_rng_state(), tmp / layout.RNG_FILE)
+            write(tmp / layout.STATE_FILE, json.dumps(asdict(state), indent=1).encode("utf-8"))
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            write(tmp / layout.MANIFEST_FILE, json.dumps({"step": state.step, "files": files}, indent=1).encode("utf-8"))
+    except BaseException as e:
+        full = disk_full_error(e, f"checkpoint step_{state.step}", root)
+        if full is None:
+            raise
+        raise full from e
+    for old in checkpoints(trial_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(trial_dir: Path) -> List[Path]:
+    """The trial's checkpoint folders, oldest step first (temp folders excluded)."""
+    root = Path(trial_dir) / layout.CHECKPOINTS_DIR
+    found = [p for p in root.glob("step_*") if p.is_dir() and step_of(p) is not None] if root.is_dir() else []
+    return sorted(found, key=step_of)
+
+
+def checkpoint_problem(path) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be used, or None when its manifest checks out."""
+    path = Path(path)
+    manifest = path / layout.MANIFEST_FILE
+    if not manifest.is_file():
+        return "no manifest (half-written?)"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def find_checkpoint(resume_from: Optional[str], trial_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, or None to start fresh.
+
+    ``resume_from`` (what Ray Train hands back) when it is sound and the trial's ``checkpoints/``
+    holds nothing newer. After a driver kill Ray can hand back an older checkpoint than the
+    worker last wrote (its record lags the reports), so the newest sound checkpoint in the trial
+    folder with a higher step wins, provided ``metrics.jsonl`` has that step's row (the row is
+    written right after the checkpoint; without it the history would have a gap). When
+    ``resume_from`` is unusable: the newest sound one in the trial folder (with warnings).
+    """
+    if not resume_from:
+        return None
+    given = Path(resume_from)
+    problem = checkpoint_problem(given)
+    step = _checkpoint_step(given)
+    newer = _newest_sound(trial_dir, above=step, skip=given) if step is not None else None
+    if problem is None:
+        if newer is not None:
+            log.warning("checkpoint %s (step %d) is older than %s in the trial folder; resuming from that one",
+                        resume_from, step, newer)
+            return newer
+        return given
+    log.warning("checkpoint %s is unusable: %s; looking for another one", resume_from, problem)
+    if newer is not None:
+        log.warning("resuming from the newer checkpoint %s instead", newer)
+        return newer
+    for candidate in reversed(checkpoints(trial_dir)):
+        if candidate.resolve() == given.resolve() or (step is not None and step_of(candidate) > step):
+            continue  # the same folder, or newer ones _newest_sound already turned down
+        other = checkpoint_problem(candidate)
+        if other is None:
+            log.warning("resuming from the earlier checkpoint %s instead", candidate)
+            return candidate
+        log.warning("checkpoint %s is unusable too: %s", candidate, other)
+    log.warning("no usable checkpoint; training starts from step 0")
+    return None
+
+
+def _checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a checkpoint folder: from its name (``step_<N>``), else from its manifest or
+    state (Ray Train's copies are named ``checkpoint_<index>``)."""
+    step = step_of(path)
+    if step is not None:
+        return step
+    for name, key in ((layout.MANIFEST_FILE, "step"), (layout.STATE_FILE, "step")):
+        try:
+            value = json.loads((path / name).read_text(encoding="utf-8"))[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _newest_sound(trial_dir: Path, above: int, skip: Path) -> Optional[Path]:
+    """The newest sound checkpoint of the trial folder with a step above ``above`` whose step
+    has its row in ``metrics.jsonl`` (when there is one), or None."""
+    candidates = [c for c in checkpoints(trial_dir) if step_of(c) > above and c.resolve() != skip.resolve()]
+    if not candidates:
+        return None
+    logged = _logged_steps(Path(trial_dir))
+    for candidate in reversed(candidates):
+        if logged is not None and step_of(candidate) not in logged:
+            log.warning("checkpoint %s has no row in %s (cut off while being recorded); not resuming from it",
+                        candidate, layout.METRICS_FILE)
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        log.warning("checkpoint %s is unusable: %s", candidate, problem)
+    return None
+
+
+def _logged_steps(trial_dir: Path) -> Optional[set]:
+    """Steps with a row in the trial's ``metrics.jsonl``; None when there is no file."""
+    path = trial_dir / layout.METRICS_FILE
+    if not path.is_file():
+        return None
+    return {row.step for row in read_metrics(path)}
+
+
+def latest_checkpoint(trial_dir) -> Optional[Path]:
+    """The newest sound checkpoint of a trial folder (earlier ones tried if it is torn), or None."""
+    found = checkpoints(Path(trial_dir))
+    return find_checkpoint(str(found[-1]), Path(trial_dir)) if found else None
+
+
+def restore(path: Path, parts: TrainParts) -> TrainState:
+    """Load a checkpoint into ``parts``; the position and running sums it was saved at."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    device = device_of(parts.model)
+    set_peft_model_state_dict(parts.model, load_file(str(path / layout.ADAPTER_WEIGHTS), device=str(device)))
+    # Our own files, written by save_checkpoint (optimizer states hold non-tensor objects).
+    parts.optimizer.load_state_dict(torch.load(path / layout.OPTIMIZER_FILE, map_location=device, weights_only=False))
+    parts.scheduler.load_state_dict(torch.load(path / layout.SCHEDULER_FILE, weights_only=False))
+    if parts.scaler is not None and (path / layout.SCALER_FILE).is_file():
+        parts.scaler.load_state_dict(torch.load(path / layout.SCALER_FILE, weights_only=False))
+    _set_rng_state(torch.load(path / layout.RNG_FILE, weights_only=False))
+    return TrainState(**json.loads((path / layout.STATE_FILE).read_text(encoding="utf-8")))
+
+
+def forget_after(trial_dir: Path, step: int) -> None:
+    """Drop what a run beyond ``step`` left behind (its checkpoints and metric rows): the run
+    restarts from ``step``, and the leaderboard must not mix two histories."""
+    for old in checkpoints(trial_dir):
+        if step_of(old) > step:
+            shutil.rmtree(old, ignore_errors=True)
+    path = trial_dir / layout.METRICS_FILE
+    if path.is_file():
+        path.write_text("".join(to_line(row) for row in read_metrics(path) if row.step <= step), encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _rng_state() -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
