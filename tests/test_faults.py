@@ -29,6 +29,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from multinode import T4_WORKER, LoopbackCluster  # noqa: E402
 
+pytestmark = pytest.mark.ray
 HEAD = {"num_cpus": 2, "num_gpus": 0}
 T4_TRIALS = "gpus_per_trial: 1, accelerator_type: T4"
 

@@ -140,3 +140,10 @@ def test_importing_the_runtime_sets_no_environment_variable():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_production_code_reads_no_test_hooks():
+    """Faults are injected by tests through ``runtime.faults.install``; no environment variable
+    can make a real run kill or crash itself."""
+    readers = [name for name, path in MODULES.items() if "QLORA_RAY_TEST" in path.read_text(encoding="utf-8")]
+    assert readers == []

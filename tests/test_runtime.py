@@ -3,7 +3,8 @@
 that resumes from its checkpoint, and a fail-fast on GPUs the machine lacks.
 
 Each Ray trial costs ~15-30 s of orchestration on 2 cores (actor start-up, process group), so the
-Ray tests are few; the storage and spec-change checks around them need no Ray.
+Ray tests are few and marked ``ray`` (in the default tier; ``-m 'not ray'`` skips them for a quick
+run); the storage, exit-status and spec-change checks around them need no Ray.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _rows(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.ray
 def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     exp = tiny_spec_file.parent / "runs" / "tiny"
     # 0.4 CPU per trial: all four run at once on 2 cores (one wave of Ray start-up, not two) and a
@@ -115,6 +117,7 @@ def test_grid_end_to_end_then_resubmit_skips_finished(tiny_spec_file):
     assert "train.max_steps: 6 -> 8" in changed.stderr and "--fresh" in changed.stderr
 
 
+@pytest.mark.ray
 def test_killed_worker_on_a_t4_node_resumes_from_its_checkpoint(tiny_spec_file, tmp_path):
     """``--address`` of a real two-node cluster whose worker has one logical GPU labelled T4.
 
@@ -161,6 +164,7 @@ def test_killed_worker_on_a_t4_node_resumes_from_its_checkpoint(tiny_spec_file, 
     assert not (exp.parent / "lacking").exists()  # refused before anything was written
 
 
+@pytest.mark.ray
 def test_tune_runner_trains_in_the_trial_and_resumes_after_a_kill(tiny_spec_file):
     """``resources.runner: tune``: each trial trains in its own Tune process (no TorchTrainer, no
     Train worker). Both trials SIGKILL themselves at step 5 on their first attempt; Tune restarts
@@ -189,6 +193,7 @@ def test_tune_runner_trains_in_the_trial_and_resumes_after_a_kill(tiny_spec_file
 NAN_ALPHA = 10**30  # LoRA scale 2.5e29: the first step's gradient norm overflows (a real inf, no mock)
 
 
+@pytest.mark.ray
 def test_trials_that_cannot_finish_fail_at_once_and_submit_exits_1(tiny_spec_file):
     """Two trials through a real local Ray, neither able to finish. One's gradient norm is inf at
     step 1: deterministic, so Ray Train must not restart it although resources.max_failures is 2.
@@ -222,6 +227,7 @@ def test_trials_that_cannot_finish_fail_at_once_and_submit_exits_1(tiny_spec_fil
     assert f"{crash_id} failed: trial driver crashed: RuntimeError" in exit_line
 
 
+@pytest.mark.ray
 def test_local_ray_registers_and_listens_on_loopback_only():
     """The embedded Ray's node address is 127.0.0.1 (Ray would take this machine's network IP
     even for _node_ip_address="127.0.0.1"), its dashboard too, and its processes listen on no
@@ -257,8 +263,7 @@ with runtime.connect() as cluster:
     assert hosts and hosts <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, seen["listening"]
 
 
-# ---------------------------------------------------------------- no Ray needed
-
+@pytest.mark.ray
 def test_base_model_task_beside_the_trials_is_saved_or_left_to_them(tmp_path):
     """A trial takes the base-model task's figures only once it has finished (never waits);
     after the grid a finished task's figures become ``baseline.json``, while a failed one or
@@ -296,6 +301,8 @@ with runtime.connect(runtime.ConnectOptions(dashboard=False)):
                       "each trial measured it itself")
     assert saved == f"baseline: saved {tmp_path / 'exp' / 'baseline.json'}"
 
+
+# ---------------------------------------------------------------- no Ray needed
 
 def test_submit_exit_status_names_the_trials_that_did_not_finish(tiny_spec_file, monkeypatch):
     """`qlora-ray submit` exits 0 only when every trial of the spec finished; else 1, with one

@@ -451,3 +451,80 @@ def test_auto_checkpointing_switches_on_when_a_step_runs_out_of_memory(tmp_path,
     with pytest.raises(training.OutOfMemory, match=r"step 1: out of GPU memory with gradient checkpointing on.*"
                                                    r"train\.batch_size"):
         run_fit(on, tmp_path / "trial-on")
+
+
+class _Payload:
+    """What an attacker plants in a checkpoint: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_not_run(reference, tmp_path):
+    """A shared output folder lets others write checkpoints, and the sha256 manifest only proves
+    that nothing was damaged: an ``rng.pt`` replaced by a pickle payload, manifest re-hashed, is
+    refused with a clear error on resume, and the payload never runs."""
+    import hashlib as _hashlib
+
+    from qlora_ray.errors import UserError
+
+    trial = tmp_path / "trial"
+    shutil.copytree(reference["trial"] / "checkpoints", trial / "checkpoints")
+    step_6 = trial / "checkpoints" / "step_6"  # the newest: nothing else to fall back to
+    marker = tmp_path / "payload-ran"
+    torch.save({"python": _Payload(marker)}, step_6 / "rng.pt")
+    manifest = json.loads((step_6 / "manifest.json").read_text())
+    blob = (step_6 / "rng.pt").read_bytes()
+    manifest["files"]["rng.pt"] = {"bytes": len(blob), "sha256": _hashlib.sha256(blob).hexdigest()}
+    (step_6 / "manifest.json").write_text(json.dumps(manifest))
+    assert training.checkpoint_problem(step_6) is None  # the manifest cannot tell
+
+    with pytest.raises(UserError) as caught:
+        run_fit(reference["spec"], trial, resume_from=str(step_6))
+    message = str(caught.value)
+    assert message.startswith(f"{step_6 / 'rng.pt'}: refused to load: it holds Python objects"), message
+    assert "GLOBAL posix.system" in message and "Nothing from it was run" in message
+    assert not marker.exists()
+
+
+def test_rng_state_is_plain_data(tmp_path):
+    """Every stream survives a weights_only round trip: the checkpoint needs no pickled objects."""
+    import random
+
+    import numpy as np
+
+    checkpoint_module.seed_everything(7)
+    path = tmp_path / "rng.pt"
+    torch.save(checkpoint_module._rng_state(), path)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint_module._set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_forgetting_later_rows_rewrites_metrics_atomically(tmp_path, monkeypatch):
+    """Resuming at step 2 drops later rows; a failure while rewriting leaves the file as it was."""
+    import os
+
+    from qlora_ray.records import StepMetrics, to_line
+
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    metrics = trial / "metrics.jsonl"
+    original = "".join(to_line(StepMetrics(step=s, loss=1.0)) for s in (1, 2, 3, 4))
+    metrics.write_text(original)
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", broken)
+        with pytest.raises(OSError):
+            checkpoint_module.forget_after(trial, 2)
+    assert metrics.read_text() == original and sorted(p.name for p in trial.iterdir()) == ["metrics.jsonl"]
+    checkpoint_module.forget_after(trial, 2)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]

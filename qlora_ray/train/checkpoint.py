@@ -2,7 +2,9 @@
 schedule, scaler, position and RNG states, and a manifest of sizes and sha256.
 
 A checkpoint is written to a temp folder and renamed into place, so a torn or corrupted one is
-detected on resume and an earlier one is used instead (with a warning). Resuming restores the
+detected on resume and an earlier one is used instead (with a warning). Its ``.pt`` files hold
+only tensors and plain data (RNG states included) and are loaded with ``weights_only=True``:
+a file carrying pickled objects is refused, never run. Resuming restores the
 exact step, data position and RNG streams: an interrupted and resumed run takes the same steps
 on the same batches as an uninterrupted one.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,8 +25,8 @@ import numpy as np
 import torch
 
 from qlora_ray import layout
-from qlora_ray.errors import disk_full_error
-from qlora_ray.files import publish_dir
+from qlora_ray.errors import UserError, disk_full_error
+from qlora_ray.files import publish_dir, write_text
 from qlora_ray.layout import step_of
 from qlora_ray.model import device_of
 from qlora_ray.records import read_metrics, to_line
@@ -220,13 +223,31 @@ def restore(path: Path, parts: TrainParts) -> TrainState:
 
     device = device_of(parts.model)
     set_peft_model_state_dict(parts.model, load_file(str(path / layout.ADAPTER_WEIGHTS), device=str(device)))
-    # Our own files, written by save_checkpoint (optimizer states hold non-tensor objects).
-    parts.optimizer.load_state_dict(torch.load(path / layout.OPTIMIZER_FILE, map_location=device, weights_only=False))
-    parts.scheduler.load_state_dict(torch.load(path / layout.SCHEDULER_FILE, weights_only=False))
+    parts.optimizer.load_state_dict(_load_data(path / layout.OPTIMIZER_FILE, map_location=device))
+    parts.scheduler.load_state_dict(_load_data(path / layout.SCHEDULER_FILE))
     if parts.scaler is not None and (path / layout.SCALER_FILE).is_file():
-        parts.scaler.load_state_dict(torch.load(path / layout.SCALER_FILE, weights_only=False))
-    _set_rng_state(torch.load(path / layout.RNG_FILE, weights_only=False))
+        parts.scaler.load_state_dict(_load_data(path / layout.SCALER_FILE))
+    _set_rng_state(_load_data(path / layout.RNG_FILE))
     return TrainState(**json.loads((path / layout.STATE_FILE).read_text(encoding="utf-8")))
+
+
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file holds more than tensors and plain data: loading it could run code."""
+
+
+def _load_data(path: Path, map_location=None):
+    """A ``.pt`` file of a checkpoint, loaded with ``weights_only=True``: tensors, numbers,
+    strings, lists and dicts only. A checkpoint folder may be shared (NFS, a bucket) and its
+    manifest proves no more than that nothing was damaged, so a pickled object is refused, never run."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "an unknown object")
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain data, which "
+            f"could run code ({found[:200]}). qlora-ray never writes such files: this "
+            "checkpoint was written by something else or tampered with. Nothing from it was run. Delete "
+            f"{path.parent} (or start over: --fresh) and check who can write to the output folder.") from None
 
 
 def forget_after(trial_dir: Path, step: int) -> None:
@@ -237,7 +258,8 @@ def forget_after(trial_dir: Path, step: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
     path = trial_dir / layout.METRICS_FILE
     if path.is_file():
-        path.write_text("".join(to_line(row) for row in read_metrics(path) if row.step <= step), encoding="utf-8")
+        # Atomically: a crash here leaves the old history, never half of it.
+        write_text(path, "".join(to_line(row) for row in read_metrics(path) if row.step <= step))
 
 
 def _sha256(path: Path) -> str:
@@ -249,15 +271,23 @@ def _sha256(path: Path) -> str:
 
 
 def _rng_state() -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream as tensors, numbers and lists (what ``weights_only`` loading accepts)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "internal": list(internal), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: Dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
