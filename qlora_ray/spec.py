@@ -495,6 +495,8 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
             continue
         try:
             out[key.strip()] = _parse_yaml(value) if value.strip() else None
+        except strict_yaml.AliasError as e:
+            bad.append(f"command line: {show(key.strip(), 60)}: {e.problem}")
         except (yaml.YAMLError, strict_yaml.YamlProblem):
             out[key.strip()] = value
     if bad:

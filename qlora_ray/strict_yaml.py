@@ -27,11 +27,15 @@ class YamlProblem(Exception):
         super().__init__("; ".join(f"{where}: {message}" for where, message in problems))
 
 
+class AliasError(yaml.composer.ComposerError):
+    """The text uses an alias (``*name``)."""
+
+
 class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(
+            raise AliasError(
                 None, None, f"aliases (*{event.anchor}) are not allowed; write the value out",
                 event.start_mark)
         return super().compose_node(parent, index)
