@@ -43,7 +43,7 @@ INT_MAX = 2**31 - 1
 # Upper bounds past which a value is a typo, not a setting (checked for every trial).
 MAXIMA = {"data.max_seq_len": 1 << 20, "data.seed": SEED_MAX, "train.seed": SEED_MAX,
           "lora.r": 4096, "lora.alpha": 1 << 16, "train.epochs": 10_000,
-          "resources.gpus_per_trial": 64, "resources.cpus_per_trial": 1024, "max_trials": 1_000_000}
+          "resources.gpus_per_trial": 64, "resources.cpus_per_trial": 1024, "resources.max_trials": 1_000_000}
 MINIMA = {"data.seed": 0, "train.seed": 0}
 SHOWN_CHARS = 80  # how much of a value a message echoes
 MESSAGE_CHARS = 400  # and how long one problem line may get
@@ -216,6 +216,7 @@ class ResourcesSpec:
     accelerator_type: Optional[str] = _f(None, "Ray accelerator type the worker needs, e.g. T4, A100.")
     max_concurrent_trials: int = _f(0, "Trials run at once; 0 picks from the cluster's GPUs (or CPUs).")
     max_failures: int = _f(2, "Retries per trial after a worker dies; each resumes from its last checkpoint.")
+    max_trials: int = _f(1000, "Refuse a sweep of more trials than this (a guard against a mistyped grid).")
     runner: str = _f("train", "How a trial runs: train (a Ray Train TorchTrainer with one worker; Train "
                               "restarts a dead worker) or tune (the trial's Tune process trains itself; Tune "
                               "restarts it). tune starts each trial about 20 s sooner: for short trials and "
@@ -232,6 +233,8 @@ class ResourcesSpec:
             yield "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}"
         if self.max_failures < 0:
             yield "max_failures", f"must be >= 0, got {self.max_failures}"
+        if self.max_trials < 1:
+            yield "max_trials", f"must be >= 1, got {self.max_trials}"
         if self.accelerator_type is not None and self.gpus_per_trial == 0:
             yield "accelerator_type", "is set but gpus_per_trial is 0; set gpus_per_trial or drop accelerator_type"
 
@@ -252,7 +255,6 @@ class JobSpec:
     train: TrainSpec = _sub(TrainSpec, "Optimization.")
     eval: EvalSpec = _sub(EvalSpec, "Evaluation.")
     sweep: Dict[str, List[Any]] = _f({}, "Grid: dotted spec path -> list of values; trials are the product.")
-    max_trials: int = _f(1000, "Refuse a sweep of more trials than this (a guard against a mistyped grid).")
     resources: ResourcesSpec = _sub(ResourcesSpec, "What each trial needs from the cluster.")
     output: OutputSpec = _sub(OutputSpec, "Where results go.")
 
@@ -266,8 +268,6 @@ class JobSpec:
     def _all_problems(self) -> Iterator[Problem]:
         yield from name_problems(self.name)
         yield from _number_problems(self)
-        if self.max_trials < 1:
-            yield "max_trials", f"must be >= 1, got {self.max_trials}"
         for section in (self.model, self.data, self.quantization, self.lora, self.train,
                         self.eval, self.resources):
             prefix = _SECTION_NAMES[type(section)]
@@ -301,7 +301,7 @@ def name_problems(name: str, key: str = "name") -> Iterator[Problem]:
 
 def _number_problems(spec: "JobSpec") -> Iterator[Problem]:
     """Every number finite and within sane bounds; the sections check their own ranges after."""
-    values = {"max_trials": spec.max_trials}
+    values = {}
     for name in ("data", "lora", "train", "eval", "resources"):
         section = getattr(spec, name)
         values.update({f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)})
@@ -590,12 +590,13 @@ def _check_sweep_shape(raw: Dict[str, Any], problems: List[Problem]) -> Dict[str
     lists = {k: v for k, v in sweep.items() if isinstance(v, list)}
     # Counted before any value is looked at, so a huge grid fails at once.
     trials = math.prod(len(v) for v in lists.values())
-    limit = raw.get("max_trials")
-    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else _default("max_trials")
+    resources = raw.get("resources") if isinstance(raw.get("resources"), dict) else {}
+    limit = resources.get("max_trials")
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else _default("resources.max_trials")
     if trials > limit:
         shape = " x ".join(f"{show(k, 40)} {len(v):,}" for k, v in list(lists.items())[:6])
-        problems.append(("sweep", f"plans {trials:,} trials ({shape}), over max_trials ({limit:,}); sweep fewer "
-                                  "values, or raise max_trials in the spec if you mean it"))
+        problems.append(("sweep", f"plans {trials:,} trials ({shape}), over resources.max_trials ({limit:,}); sweep "
+                                  "fewer values, or raise resources.max_trials in the spec if you mean it"))
         return {k: v for k, v in raw.items() if k != "sweep"}
     return {**raw, "sweep": lists}
 

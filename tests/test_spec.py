@@ -178,10 +178,11 @@ BAD = [
     ("output under a file", {"output": {"dir": "train.jsonl/runs"}}, "output.dir", "is a file"),
     # Plans: a limit on their size, and no trial twice.
     ("sweep of 10,000 trials", {"sweep": {"lora.r": list(range(1, 101)), "train.seed": list(range(100))}},
-     "sweep", "over max_trials (1,000)"),
-    ("sweep over a lowered max_trials", {"max_trials": 4, "sweep": {"lora.r": [4, 8, 16], "train.lr": [1e-4, 2e-4]}},
-     "sweep", "over max_trials (4)"),
-    ("max_trials zero", {"max_trials": 0}, "max_trials", ">= 1"),
+     "sweep", "over resources.max_trials (1,000)"),
+    ("sweep over a lowered max_trials", {"resources": {"max_trials": 4},
+                                         "sweep": {"lora.r": [4, 8, 16], "train.lr": [1e-4, 2e-4]}},
+     "sweep", "over resources.max_trials (4)"),
+    ("max_trials zero", {"resources": {"max_trials": 0}}, "resources.max_trials", ">= 1"),
     ("sweep lists one value twice as typed", {"sweep": {"train.lr": [1.0e-4, "1e-4"]}}, "sweep.train.lr[1]", "twice"),
     ("swept train file missing", {"sweep": {"data.train": ["train.jsonl", "nope.jsonl"]}},
      "sweep.data.train[1]", "no file matches"),
@@ -190,10 +191,9 @@ BAD = [
 
 @pytest.mark.parametrize("change,key,phrase", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_spec_exits_2_naming_the_key(tmp_path, change, key, phrase):
-    spec = _good(tmp_path, **{k: v for k, v in change.items() if k not in ("name", "max_trials")})
-    for top in ("name", "max_trials"):
-        if top in change:
-            spec[top] = change[top]
+    spec = _good(tmp_path, **{k: v for k, v in change.items() if k != "name"})
+    if "name" in change:
+        spec["name"] = change["name"]
     path = _write(tmp_path / "bad.yaml", spec)
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
@@ -361,8 +361,8 @@ def test_read_only_output_dir_fails_validate(tmp_path):
 def test_max_trials_in_the_spec_raises_the_limit(tmp_path):
     sweep = {"lora.r": list(range(1, 41)), "train.seed": list(range(30))}
     path = _write(tmp_path / "s.yaml", {**_good(tmp_path), "sweep": sweep})
-    with pytest.raises(SpecError, match="plans 1,200 trials .* over max_trials"):
+    with pytest.raises(SpecError, match="plans 1,200 trials .* over resources.max_trials"):
         load_spec(path)
-    trials = expand(load_spec(_write(tmp_path / "s.yaml", {**_good(tmp_path), "sweep": sweep, "max_trials": 1200})))
+    trials = expand(load_spec(path, ["resources.max_trials=1200"]))
     assert len(trials) == len({t.id for t in trials}) == 1200
     assert all(t.spec.sweep == {} for t in trials)
