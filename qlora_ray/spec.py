@@ -7,9 +7,11 @@ All problems are collected and raised together as one :class:`SpecError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import glob
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qlora_ray import strict_yaml
 from qlora_ray.errors import UserError
 
 # The offline default model: SmolLM2-135M-Instruct shipped as GGUF inside a PyPI package.
@@ -32,6 +35,24 @@ OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
 # GPUs without bf16 support (compute capability < 8.0) that people rent for QLoRA.
 NO_BF16_ACCELERATORS = ("T4", "V100", "P100", "K80", "P4")
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "file://")
+# A name and a trial id each name a folder (at most 255 bytes on common file systems) that
+# can gain a suffix such as ".old-<time>"; this leaves room for it.
+MAX_NAME_BYTES = 200
+SEED_MAX = 2**32 - 1  # numpy's RandomState and many libraries take 32-bit seeds
+INT_MAX = 2**31 - 1
+# Upper bounds past which a value is a typo, not a setting (checked for every trial).
+MAXIMA = {"data.max_seq_len": 1 << 20, "data.seed": SEED_MAX, "train.seed": SEED_MAX,
+          "lora.r": 4096, "lora.alpha": 1 << 16, "train.epochs": 10_000,
+          "resources.gpus_per_trial": 64, "resources.cpus_per_trial": 1024, "resources.max_trials": 1_000_000}
+MINIMA = {"data.seed": 0, "train.seed": 0}
+SHOWN_CHARS = 80  # how much of a value a message echoes
+MESSAGE_CHARS = 400  # and how long one problem line may get
+
+
+def show(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr``-like text of a value for a message, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _f(default: Any, help: str) -> Any:
@@ -195,6 +216,7 @@ class ResourcesSpec:
     accelerator_type: Optional[str] = _f(None, "Ray accelerator type the worker needs, e.g. T4, A100.")
     max_concurrent_trials: int = _f(0, "Trials run at once; 0 picks from the cluster's GPUs (or CPUs).")
     max_failures: int = _f(2, "Retries per trial after a worker dies; each resumes from its last checkpoint.")
+    max_trials: int = _f(1000, "Refuse a sweep of more trials than this (a guard against a mistyped grid).")
     runner: str = _f("train", "How a trial runs: train (a Ray Train TorchTrainer with one worker; Train "
                               "restarts a dead worker) or tune (the trial's Tune process trains itself; Tune "
                               "restarts it). tune starts each trial about 20 s sooner: for short trials and "
@@ -211,6 +233,8 @@ class ResourcesSpec:
             yield "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}"
         if self.max_failures < 0:
             yield "max_failures", f"must be >= 0, got {self.max_failures}"
+        if self.max_trials < 1:
+            yield "max_trials", f"must be >= 1, got {self.max_trials}"
         if self.accelerator_type is not None and self.gpus_per_trial == 0:
             yield "accelerator_type", "is set but gpus_per_trial is 0; set gpus_per_trial or drop accelerator_type"
 
@@ -235,8 +259,15 @@ class JobSpec:
     output: OutputSpec = _sub(OutputSpec, "Where results go.")
 
     def problems(self) -> Iterator[Problem]:
-        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
-            yield "name", f"'{self.name}' must be a non-empty name without slashes or spaces"
+        seen = set()
+        for key, message in self._all_problems():
+            if key not in seen:  # the first, most basic problem of a key is enough
+                seen.add(key)
+                yield key, message
+
+    def _all_problems(self) -> Iterator[Problem]:
+        yield from name_problems(self.name)
+        yield from _number_problems(self)
         for section in (self.model, self.data, self.quantization, self.lora, self.train,
                         self.eval, self.resources):
             prefix = _SECTION_NAMES[type(section)]
@@ -257,12 +288,43 @@ _SECTION_NAMES = {ModelSpec: "model", DataSpec: "data", QuantizationSpec: "quant
                   ResourcesSpec: "resources", OutputSpec: "output"}
 
 
+def name_problems(name: str, key: str = "name") -> Iterator[Problem]:
+    """Why ``name`` cannot name a folder and a Ray run (nothing when it can)."""
+    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        yield key, f"'{show(name)}' must be a non-empty name without slashes or spaces, not starting with '.'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        yield key, f"{show(ascii(name))} holds a control character (such as NUL); use letters, digits, '-', '_', '.'"
+    elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        yield key, (f"'{show(name)}' is {len(name.encode('utf-8'))} bytes; at most {MAX_NAME_BYTES} "
+                    "(it names folders, which hold 255 bytes and gain suffixes)")
+
+
+def _number_problems(spec: "JobSpec") -> Iterator[Problem]:
+    """Every number finite and within sane bounds; the sections check their own ranges after."""
+    values = {}
+    for name in ("data", "lora", "train", "eval", "resources"):
+        section = getattr(spec, name)
+        values.update({f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)})
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            yield key, f"must be a finite number, got {value}"
+            continue
+        low, high = MINIMA.get(key), MAXIMA.get(key, INT_MAX)
+        if low is not None and value < low:
+            yield key, f"must be in [{low}, {high}], got {value}"
+        elif value > high:
+            yield key, f"must be <= {high:,}, got {show(value, 40)}"
+
+
 class SpecError(UserError):
     """Every problem found in a spec, each as ``<file>: <key.path>: <message>``."""
 
     def __init__(self, problems: List[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+        # A message never echoes a whole value: a spec may hold megabytes in one string.
+        self.problems = [p if len(p) <= MESSAGE_CHARS else f"{p[:MESSAGE_CHARS]}... (cut)" for p in problems]
+        super().__init__("\n".join(self.problems))
 
 
 # ---------------------------------------------------------------- schema walking
@@ -290,7 +352,7 @@ def _section_class(name: str) -> type:
 def _unknown_keys(raw: Dict[str, Any], cls: type, prefix: str) -> Iterator[Problem]:
     known = _schema_fields(cls)
     for key, value in raw.items():
-        path = f"{prefix}{key}"
+        path = f"{prefix}{show(key, 60)}"
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
@@ -327,11 +389,11 @@ def _has_interpolation(value: Any) -> bool:
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = _parse_yaml(strict_yaml.decode(path.read_bytes()))
     except OSError as e:
         raise SpecError([f"{path}: cannot read spec file: {e.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
+    except strict_yaml.YamlProblem as e:
+        raise SpecError([f"{path}: {where + ': ' if where else ''}{message}" for where, message in e.problems]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -341,6 +403,10 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError([f"{path}: a spec must be a YAML mapping of sections, got {type(data).__name__}"])
     return data
+
+
+def _parse_yaml(text: str) -> Any:
+    return strict_yaml.load(text)
 
 
 def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
@@ -396,15 +462,27 @@ def _anchor_paths(raw: Dict[str, Any], anchor: Path) -> Dict[str, Any]:
     for key in _PATH_KEYS:
         section, leaf = key.split(".")
         value = out.get(section, {}).get(leaf) if isinstance(out.get(section), dict) else None
-        if not isinstance(value, str) or not value or _is_uri(value) or "${" in value:
-            continue
-        if key == "data.cache_dir" or value.startswith("~"):
-            value = os.path.expanduser(value)
-        if key == "data.cache_dir" and not os.path.isabs(value):
-            continue
-        if _looks_local(key, value, anchor):
-            out[section][leaf] = os.path.normpath(str(anchor / value))
+        out_value = _anchor_path(key, value, anchor)
+        if out_value is not value:
+            out[section][leaf] = out_value
+        # Swept paths are relative to the file that wrote them, like any other path.
+        swept = out["sweep"].get(key) if isinstance(out.get("sweep"), dict) else None
+        if isinstance(swept, list):
+            out["sweep"] = {**out["sweep"], key: [_anchor_path(key, v, anchor) for v in swept]}
     return out
+
+
+def _anchor_path(key: str, value: Any, anchor: Path) -> Any:
+    """``value`` made absolute against ``anchor`` when it is a local path (else unchanged)."""
+    if not isinstance(value, str) or not value or _is_uri(value) or "${" in value:
+        return value
+    if key == "data.cache_dir" or value.startswith("~"):
+        value = os.path.expanduser(value)
+    if key == "data.cache_dir" and not os.path.isabs(value):
+        return value
+    if _looks_local(key, value, anchor):
+        return os.path.normpath(str(anchor / value))
+    return value
 
 
 def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
@@ -416,8 +494,10 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
             bad.append(f"override '{item}': expected key.path=value, e.g. train.lr=1e-4")
             continue
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+            out[key.strip()] = _parse_yaml(value) if value.strip() else None
+        except strict_yaml.AliasError as e:
+            bad.append(f"command line: {show(key.strip(), 60)}: {e.problem}")
+        except (yaml.YAMLError, strict_yaml.YamlProblem):
             out[key.strip()] = value
     if bad:
         raise SpecError(bad)
@@ -441,7 +521,12 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
         raise SpecError([f"{path}: spec file not found"])
     raw, origin = _load_chain(path)
     cwd = Path.cwd()
-    for key, value in parse_overrides(overrides or []).items():
+    given = parse_overrides(overrides or [])
+    if "base" in given:
+        raise SpecError([f"command line: base: cannot be given as an override (base is read before the "
+                         f"spec, overrides after it); write 'base: {show(given['base'])}' into a spec file, "
+                         "or make a small spec with that base: line and your changes"])
+    for key, value in given.items():
         if key in ("data.train", "data.eval", "eval.prompts", "output.dir") and isinstance(value, str):
             value = _anchor_paths({key.split(".")[0]: {key.split(".")[1]: value}}, cwd)[key.split(".")[0]][key.split(".")[1]]
         _set_path(raw, key, value)
@@ -455,15 +540,7 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path,
     problems: List[Problem] = list(_unknown_keys(raw, JobSpec, ""))
     if isinstance(raw.get("lora"), dict) and isinstance(raw["lora"].get("target_modules"), str):
         raw["lora"]["target_modules"] = [raw["lora"]["target_modules"]]
-    sweep = raw.get("sweep")
-    if sweep is not None and not isinstance(sweep, dict):
-        problems.append(("sweep", "must be a mapping of spec path -> list of values"))
-        raw = {k: v for k, v in raw.items() if k != "sweep"}
-    elif sweep:
-        for key, values in sweep.items():
-            if not isinstance(values, list):
-                problems.append((f"sweep.{key}", f"must be a list of values, e.g. [{values}]"))
-        raw = {**raw, "sweep": {k: v for k, v in sweep.items() if isinstance(v, list)}}
+    raw = _check_sweep_shape(raw, problems)
     cfg = OmegaConf.structured(JobSpec)
     bad_paths = {p for p, _ in problems}
     for key, value in _flatten(raw).items():
@@ -483,16 +560,53 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path,
         OmegaConf.update(cfg, key, "_missing_", merge=False)
     spec = OmegaConf.to_object(cfg)
     reported = {key for key, _ in problems}
-    later = [*spec.problems(), *_file_problems(spec, path, declared_output), *_sweep_problems(spec)]
+    typed_sweep: Dict[str, List[Any]] = {}
+    later = [*spec.problems(), *_file_problems(spec, path, declared_output),
+             *_sweep_problems(spec, path, declared_output, typed_sweep)]
     problems.extend((key, msg) for key, msg in later
                     if key not in reported and not any(key.startswith(r + ".") for r in reported))
+    if not problems:
+        spec.sweep = typed_sweep
+        # The trial ids are part of what makes a spec runnable: unique, and short enough to
+        # name folders. Imported here because the plan is built on this module.
+        from qlora_ray.plan import plan_problems
+        problems.extend(plan_problems(spec))
     if problems:
         raise SpecError([f"{_source(origin, key, path)}: {key}: {message}" for key, message in problems])
     return spec
 
 
+def _check_sweep_shape(raw: Dict[str, Any], problems: List[Problem]) -> Dict[str, Any]:
+    """``raw`` with a malformed sweep (or one over ``max_trials``) left out, its problems added."""
+    sweep = raw.get("sweep")
+    if sweep is not None and not isinstance(sweep, dict):
+        problems.append(("sweep", "must be a mapping of spec path -> list of values"))
+        return {k: v for k, v in raw.items() if k != "sweep"}
+    if not sweep:
+        return raw
+    for key, values in sweep.items():
+        if not isinstance(values, list):
+            problems.append((f"sweep.{show(key, 60)}", f"must be a list of values, e.g. [{show(values)}]"))
+    lists = {k: v for k, v in sweep.items() if isinstance(v, list)}
+    # Counted before any value is looked at, so a huge grid fails at once.
+    trials = math.prod(len(v) for v in lists.values())
+    resources = raw.get("resources") if isinstance(raw.get("resources"), dict) else {}
+    limit = resources.get("max_trials")
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else _default("resources.max_trials")
+    if trials > limit:
+        shape = " x ".join(f"{show(k, 40)} {len(v):,}" for k, v in list(lists.items())[:6])
+        problems.append(("sweep", f"plans {trials:,} trials ({shape}), over resources.max_trials ({limit:,}); sweep "
+                                  "fewer values, or raise resources.max_trials in the spec if you mean it"))
+        return {k: v for k, v in raw.items() if k != "sweep"}
+    return {**raw, "sweep": lists}
+
+
+def _default(key: str) -> Any:
+    return leaf_paths()[key].default
+
+
 def _omegaconf_message(e: OmegaConfBaseException, value: Any) -> str:
-    first = str(e).splitlines()[0]
+    first = show(str(e).splitlines()[0], 2 * SHOWN_CHARS)
     if "is not Optional" in first:
         return "must not be null; give a value or remove the key to use the default"
     if "could not be converted" in first or "Invalid value assigned" in first or "Value '" in first:
@@ -521,8 +635,13 @@ def project_root(start: Path) -> Path:
 def _file_problems(spec: JobSpec, path: Path, declared: Optional[str]) -> Iterator[Problem]:
     for key in ("data.train", "data.eval"):
         value = getattr(spec.data, key.split(".")[1])
-        if value and value != "_missing_" and not value.startswith("hf://") and not glob.glob(value):
-            yield key, f"no file matches '{value}'; check the path (relative paths are relative to the spec file)"
+        if not value or value == "_missing_" or value.startswith("hf://"):
+            continue
+        files = [f for f in glob.glob(value, recursive=True) if os.path.isfile(f)]
+        if not files and not glob.glob(value):
+            yield key, f"no file matches '{show(value)}'; check the path (relative paths are relative to the spec file)"
+        elif files and all(os.path.getsize(f) == 0 for f in files):
+            yield key, f"'{show(value)}' is empty; it must hold rows (one JSON object per line, or CSV/Parquet rows)"
     if spec.eval.prompts and not Path(spec.eval.prompts).is_file():
         yield "eval.prompts", f"file '{spec.eval.prompts}' not found"
     name = spec.model.name
@@ -533,6 +652,23 @@ def _file_problems(spec: JobSpec, path: Path, declared: Optional[str]) -> Iterat
         root = project_root(path.resolve().parent)
         if declared is not None and not Path(declared).is_absolute() and not Path(out).resolve().is_relative_to(root):
             yield "output.dir", f"'{declared}' climbs out of the project ({root}); use a path inside it, an absolute path or a storage URI"
+        else:
+            yield from _writable_folder_problems(Path(out))
+
+
+def _writable_folder_problems(out: Path) -> Iterator[Problem]:
+    """``output.dir`` must be a folder this user can write, or creatable in one."""
+    if out.exists() and not out.is_dir():
+        yield "output.dir", f"'{show(str(out))}' is a file, not a folder; point output.dir at a folder"
+        return
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        yield "output.dir", f"'{show(str(existing))}' is a file, so '{show(str(out))}' cannot be created in it"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == out else f"cannot be created: '{show(str(existing))}' is not writable"
+        yield "output.dir", f"'{show(str(out))}' {what} by this user; choose another output.dir"
 
 
 def _declared_output(path: Path, overrides: List[str]) -> Optional[str]:
@@ -557,31 +693,63 @@ def _chain_files(path: Path) -> List[Path]:
     return files
 
 
-def _sweep_problems(spec: JobSpec) -> Iterator[Problem]:
+SWEEPABLE_SECTIONS = tuple(n for n in _SECTION_NAMES.values() if n != "output")
+VALUE_PROBLEMS_SHOWN = 5  # per sweep key; the rest are counted
+
+
+def _sweep_problems(spec: JobSpec, path: Path, declared: Optional[str],
+                    typed_sweep: Dict[str, List[Any]]) -> Iterator[Problem]:
+    """Each swept value checked as its trial would be; fills ``typed_sweep`` with the typed values."""
     leaves = leaf_paths()
     for key, values in spec.sweep.items():
-        where = f"sweep.{key}"
-        if key not in leaves or key.split(".")[0] in ("name", "base", "sweep", "output"):
-            close = difflib.get_close_matches(key, list(leaves), n=1)
+        where = f"sweep.{show(key, 60)}"
+        if key not in leaves or key.split(".")[0] not in SWEEPABLE_SECTIONS:
+            close = difflib.get_close_matches(str(key), list(leaves), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            yield where, f"'{key}' is not a spec path that can be swept{hint}"
+            yield where, f"'{show(key, 60)}' is not a spec path that can be swept{hint}"
             continue
         if not values:
             yield where, "must list at least one value"
             continue
+        typed, bad = [], 0
         for i, value in enumerate(values):
-            cfg = OmegaConf.structured(spec)
-            try:
-                OmegaConf.update(cfg, key, value, merge=False)
-            except OmegaConfBaseException as e:
-                yield f"{where}[{i}]", _omegaconf_message(e, value)
-                continue
-            trial = OmegaConf.to_object(cfg)
-            for path, message in trial.problems():
-                if path == key:
-                    yield f"{where}[{i}]", message
-        if len(set(map(str, values))) != len(values):
-            yield where, "lists a value twice"
+            problem, typed_value = _swept_value_problem(spec, key, value, path, declared)
+            typed.append(typed_value)
+            if problem is not None:
+                bad += 1
+                if bad <= VALUE_PROBLEMS_SHOWN:
+                    yield f"{where}[{i}]", problem
+        if bad > VALUE_PROBLEMS_SHOWN:
+            yield where, f"{bad - VALUE_PROBLEMS_SHOWN:,} more values have problems"
+        if bad:
+            continue
+        # Compared typed: 1.0e-4 and '1e-4' are the same trial twice.
+        seen: Dict[str, int] = {}
+        for i, value in enumerate(typed):
+            if repr(value) in seen:
+                yield f"{where}[{i}]", f"lists {show(value)} twice (also at [{seen[repr(value)]}])"
+                break
+            seen[repr(value)] = i
+        typed_sweep[key] = typed
+
+
+def _swept_value_problem(spec: JobSpec, key: str, value: Any, path: Path,
+                         declared: Optional[str]) -> tuple[Optional[str], Any]:
+    """(what is wrong with ``value`` at ``key``, or None; the value as typed)."""
+    try:
+        trial = with_values(spec, {key: value})
+    except OmegaConfBaseException as e:
+        return _omegaconf_message(e, value), None
+    found = list(trial.problems())
+    if key in _PATH_KEYS:
+        found += list(_file_problems(trial, path, declared))
+    return next((message for where, message in found if where == key), None), _get(trial, key)
+
+
+def _get(spec: Any, path: str) -> Any:
+    for part in path.split("."):
+        spec = getattr(spec, part)
+    return spec
 
 
 def to_yaml(spec: JobSpec) -> str:
@@ -590,12 +758,16 @@ def to_yaml(spec: JobSpec) -> str:
 
 
 def with_values(spec: JobSpec, values: Dict[str, Any]) -> JobSpec:
-    """A copy of ``spec`` with dotted paths set (used for sweep trials); no sweep left in it."""
-    cfg = OmegaConf.structured(spec)
+    """A copy of ``spec`` with dotted section paths set and typed (used for sweep trials); no
+    sweep left in it. Only the touched sections go through the schema, so a trial costs the
+    same however large the sweep is."""
+    trial = copy.deepcopy(dataclasses.replace(spec, sweep={}))
     for key, value in values.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    cfg.sweep = {}
-    return OmegaConf.to_object(cfg)
+        section_name, leaf = key.split(".", 1)
+        cfg = OmegaConf.structured(getattr(trial, section_name))
+        OmegaConf.update(cfg, leaf, value, merge=False)
+        setattr(trial, section_name, OmegaConf.to_object(cfg))
+    return trial
 
 
 def reference_markdown() -> str:
