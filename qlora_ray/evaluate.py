@@ -18,7 +18,7 @@ from qlora_ray.records import Baseline
 from qlora_ray.spec import EvalSpec, JobSpec
 
 
-# ---------------------------------------------------------------- loss and perplexity
+# ---------------------------------------------------------------- perplexity
 
 @torch.no_grad()
 def perplexity(model, batches: Iterable[dict], dtype: Optional[torch.dtype] = None) -> Tuple[float, int]:
