@@ -49,8 +49,9 @@ for stage in $STAGES; do
       timeout 240 python -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider > "$W/gpu_kernel_tests.log" 2>&1
       echo "kernel tests rc=$?" >> "$W/gpu_kernel_tests.log" ;;
     fair)
+      # Progress goes to stdout too: a run cut off at its limit still shows how far it got.
       timeout "${FAIR_TIMEOUT:-560}" python benchmarks/throughput.py --out "$W/fair" --work /tmp/fair-work ${FAIR_ARGS:-} \
-        > "$W/fair.log" 2>&1; echo "fair rc=$?" >> "$W/fair.log" ;;
+        2>&1 | tee "$W/fair.log"; echo "fair rc=$?" >> "$W/fair.log" ;;
     extra)
       ( export CUDA_VISIBLE_DEVICES=0; timeout 240 python benchmarks/cost_growth.py --out "$W" > "$W/cost_growth.log" 2>&1 ) &
       ( export CUDA_VISIBLE_DEVICES=1; timeout 280 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \

@@ -10,7 +10,7 @@ padding, gradient checkpointing, SDPA, ``use_cache`` off, paged 8-bit AdamW. Two
 
 As a side of the throughput benchmark (its own process)::
 
-    python benchmarks/hf_recipe.py --work WORK --out result.json [--tuned] [--batch 8] [--max-steps N]
+    python benchmarks/hf_recipe.py --work WORK (--out result.json | --serve) [--tuned] [--batch 8] [--max-steps N]
 
 ``train_with_trainer`` is also what the Unsloth side trains with, so both time the same things.
 """
@@ -151,12 +151,13 @@ def _free(cpu: bool) -> None:
 
 
 def tuned(model_dir: str, tokenizer, rows, task: "sides.Task", out_dir: str, batches=TUNED_BATCHES,
-          cpu: bool = False, evaluate: Optional[Callable] = None) -> RecipeResult:
+          cpu: bool = False, evaluate: Optional[Callable] = None, max_steps: int = -1) -> RecipeResult:
     """The tuned recipe: length-grouped, the largest batch of ``batches`` that fits the cap."""
     for batch in batches:
         try:
             result = run_recipe(model_dir, tokenizer, rows, batch, out_dir=out_dir, cpu=cpu, grouped=True,
-                                lr=task.lr, warm_share=task.warm_share, lora_r=task.lora_r, evaluate=evaluate)
+                                lr=task.lr, warm_share=task.warm_share, lora_r=task.lora_r, evaluate=evaluate,
+                                max_steps=max_steps)
         except torch.OutOfMemoryError:
             print(f"hf tuned: batch {batch} does not fit {task.cap_gib} GiB", flush=True)
         else:
@@ -169,13 +170,13 @@ def tuned(model_dir: str, tokenizer, rows, task: "sides.Task", out_dir: str, bat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
+    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
     parser.add_argument("--tuned", action="store_true", help="Length-grouped, largest batch that fits.")
     parser.add_argument("--batch", type=int, default=8, help="Rows a step (naive form); with --tuned: try only this.")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
-    started = time.time()
     task = sides.Task.read(args.work)
     sides.cap_memory(task.cap_gib)
     from transformers import AutoTokenizer
@@ -183,21 +184,32 @@ def main() -> None:
     model_dir = str(args.work / "model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train, held = sides.rows(args.work, "train"), sides.rows(args.work, "eval")
-    evaluate = lambda m: sides.heldout_loss(m, held, tokenizer.pad_token_id)  # noqa: E731
     out_dir = str(args.work / "hf_out")
-    if args.tuned:
-        choices = (args.batch,) if args.batch != 8 else TUNED_BATCHES
-        result, name = tuned(model_dir, tokenizer, train, task, out_dir, choices, args.cpu, evaluate), "hf-tuned"
+    found = {}
+
+    def run_once(command: dict) -> sides.SideResult:
+        started = time.time()
+        max_steps = command.get("max_steps") or args.max_steps
+        evaluate = None if command.get("warm") else (lambda m: sides.heldout_loss(m, held, tokenizer.pad_token_id))
+        if args.tuned:
+            choices = (found["batch"],) if "batch" in found else (args.batch,) if args.batch != 8 else TUNED_BATCHES
+            result = tuned(model_dir, tokenizer, train, task, out_dir, choices, args.cpu, evaluate, max_steps)
+            found["batch"], name = result.batch, "hf-tuned"
+        else:
+            result = run_recipe(model_dir, tokenizer, train, args.batch, out_dir=out_dir, cpu=args.cpu, lr=task.lr,
+                                warm_share=task.warm_share, lora_r=task.lora_r, evaluate=evaluate,
+                                max_steps=max_steps)
+            result.batch, name = args.batch, f"hf-b{args.batch}"
+        return sides.SideResult(
+            side=name, tokens_per_s=result.tokens_per_s, peak_gib=result.peak_gib, eval_loss=result.eval_loss,
+            final_loss=result.final_loss, steps=result.steps, timed_steps=result.timed_steps,
+            target_tokens=result.target_tokens, batch=result.batch, train_s=result.train_s,
+            process_s=time.time() - started, gpu=sides.gpu_name())
+
+    if args.serve:
+        sides.serve(run_once)
     else:
-        result = run_recipe(model_dir, tokenizer, train, args.batch, out_dir=out_dir, cpu=args.cpu, lr=task.lr,
-                            warm_share=task.warm_share, lora_r=task.lora_r, evaluate=evaluate,
-                            max_steps=args.max_steps)
-        result.batch, name = args.batch, f"hf-b{args.batch}"
-    sides.write(sides.SideResult(
-        side=name, tokens_per_s=result.tokens_per_s, peak_gib=result.peak_gib, eval_loss=result.eval_loss,
-        final_loss=result.final_loss, steps=result.steps, timed_steps=result.timed_steps,
-        target_tokens=result.target_tokens, batch=result.batch, train_s=result.train_s,
-        process_s=time.time() - started, gpu=sides.gpu_name()), args.out)
+        sides.write(run_once({}), args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """qlora-ray as a side of the throughput benchmark (its own process): the project's spec, data
 packing, model loading and training step, with or without the fused path.
 
-    python benchmarks/qlora_side.py --work WORK --out result.json [--fused] [--batch-size 8]
-        [--checkpointing true] [--offload] [--no-compile] [--profile profile.md]
+    python benchmarks/qlora_side.py --work WORK (--out result.json | --serve) [--fused] [--batch-size 8]
+        [--checkpointing true] [--offload] [--compile] [--profile profile.md]
 
 Everything not named here is the spec's default (packed rows of 512, LoRA r16 / alpha 32 /
 dropout 0.05 on all linear layers, paged 8-bit AdamW, cosine schedule with 3% warm-up,
@@ -66,7 +66,7 @@ output: {{dir: {work}/runs}}
     return spec
 
 
-def train(args, task: sides.Task):
+def train(args, task: sides.Task, max_steps: int = 0):
     from qlora_ray import data
     from qlora_ray.model import add_lora, load_base
     from qlora_ray.spec import load_spec
@@ -81,7 +81,7 @@ def train(args, task: sides.Task):
     if args.fused:
         from qlora_ray.kernels import fuse
 
-        handle = fuse(model, compile=not args.no_compile, offload=args.offload)
+        handle = fuse(model, compile=args.compile, offload=args.offload)
     device = next(model.parameters()).device
     t = spec.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,10 +90,13 @@ def train(args, task: sides.Task):
     scheduler = build_scheduler(optimizer, t, len(batches))
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     clock, losses = sides.Clock(), []
-    for i in range(len(batches)):
+    for i in range(min(len(batches), max_steps) if max_steps > 0 else len(batches)):
         batch = batches[i]  # collated before the clock starts, as the Trainer's batches are
-        if args.profile and i == len(batches) // 2:
-            profile_step(args, model, batch, optimizer, scheduler, scaler, params, t, step, tokenizer.pad_token_id)
+        if args.profile and i == len(batches) // 2 and not max_steps:
+            try:
+                profile_step(args, model, batch, optimizer, scheduler, scaler, params, t, step, tokenizer.pad_token_id)
+            except Exception as e:  # a profile that fails must not cost the run
+                print(f"profile failed: {type(e).__name__}: {e}", flush=True)
             continue
         clock.start()
         loss_sum, targets, _ = step(model, [batch], optimizer, scheduler, scaler, params, t, i + 1,
@@ -119,7 +122,7 @@ def profile_step(args, model, batch, optimizer, scheduler, scaler, params, t, st
             continue
         us = event.self_device_time_total
         families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0.0) + us
-    total = sum(families.values())
+    total = sum(families.values()) or float("nan")  # nan on the CPU: no CUDA kernels
     gpu = sides.gpu_name()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), float("nan"))
     model_tflops = 4 * LINEAR_PARAMS * targets / 1e12  # forward + input-gradient backward, frozen base
@@ -157,34 +160,47 @@ def kernel_family(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
+    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
     parser.add_argument("--name", default=None)
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8, help="Packed rows of 512 a step (the spec default 8).")
     parser.add_argument("--checkpointing", default="true")
     parser.add_argument("--offload", action="store_true")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile SwiGLU's backward and RMSNorm.")
     parser.add_argument("--profile", default=None, help="Profile the middle step into this markdown file.")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
     args.name = args.name or ("fused" if args.fused else "qlora")
-    started = time.time()
     task = sides.Task.read(args.work)
     sides.cap_memory(task.cap_gib)
-    model, tokenizer, handle, clock, losses = train(args, task)
-    rate, timed = sides.timed_rate(clock.tokens, clock.times, task.warm_share)
-    peak = sides.peak_gib()
-    held = sides.heldout_loss(model, sides.rows(args.work, "eval"), tokenizer.pad_token_id,
-                              torch.float32 if args.cpu else torch.float16)
-    notes = {"batch_size_rows": args.batch_size, "checkpointing": args.checkpointing, "fused": args.fused}
-    if handle is not None:
-        notes.update(compiled=handle.compiled, offloaded_layers=handle.offloaded,
-                     fused_modules=handle.attention + handle.mlp)
-    sides.write(sides.SideResult(
-        side=args.name, tokens_per_s=rate, peak_gib=peak, eval_loss=held,
-        final_loss=sum(losses[-5:]) / max(1, len(losses[-5:])), steps=len(clock.times), timed_steps=timed,
-        target_tokens=sum(clock.tokens), batch=args.batch_size * task.max_seq_len, train_s=sum(clock.times),
-        process_s=time.time() - started, gpu=sides.gpu_name(), notes=notes), args.out)
+    profile, runs = args.profile, [0]
+
+    def run_once(command: dict) -> sides.SideResult:
+        started = time.time()
+        # Profile one step of the first timed run only (the profiler's own cost stays out of the others).
+        args.profile = profile if not command.get("warm") and runs[0] == 0 else None
+        runs[0] += 0 if command.get("warm") else 1
+        model, tokenizer, handle, clock, losses = train(args, task, command.get("max_steps") or 0)
+        rate, timed = sides.timed_rate(clock.tokens, clock.times, task.warm_share)
+        peak = sides.peak_gib()
+        held = None if command.get("warm") else sides.heldout_loss(
+            model, sides.rows(args.work, "eval"), tokenizer.pad_token_id, torch.float32 if args.cpu else torch.float16)
+        notes = {"batch_size_rows": args.batch_size, "checkpointing": args.checkpointing, "fused": args.fused}
+        if handle is not None:
+            notes.update(compiled=handle.compiled, offloaded_layers=handle.offloaded,
+                         fused_modules=handle.attention + handle.mlp)
+            handle.unfuse()
+        return sides.SideResult(
+            side=args.name, tokens_per_s=rate, peak_gib=peak, eval_loss=held,
+            final_loss=sum(losses[-5:]) / max(1, len(losses[-5:])), steps=len(clock.times), timed_steps=timed,
+            target_tokens=sum(clock.tokens), batch=args.batch_size * task.max_seq_len, train_s=sum(clock.times),
+            process_s=time.time() - started, gpu=sides.gpu_name(), notes=notes)
+
+    if args.serve:
+        sides.serve(run_once)
+    else:
+        sides.write(run_once({}), args.out)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,26 @@
 """What every side of the throughput benchmark shares, importing nothing but torch: the task
-files, the memory cap, the held-out loss, and one rule for turning step times into tokens/s.
+files, the memory cap, the held-out loss, one rule for turning step times into tokens/s, and
+the worker loop.
 
 A side runs in its own process (``hf_recipe.py``, ``qlora_side.py``, ``unsloth_side.py``), reads
 the task from ``WORK/task.json``, ``WORK/train.json`` and ``WORK/eval.json`` (token id rows) and
-the model from ``WORK/model``, and writes one JSON result.
+the model from ``WORK/model``. With ``--serve`` it stays up as a worker: it imports (and
+compiles) once, then runs whenever ``throughput.py`` asks on stdin (one JSON line a run:
+``{"out": path, "max_steps": n}``) and answers ``@@done ok|error`` on stdout; every run loads a
+fresh model, so runs of one side are independent, and the sides' runs can alternate.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -144,3 +151,34 @@ def gpu_name() -> str:
 def write(result: SideResult, out: Path) -> None:
     out.write_text(json.dumps(asdict(result), indent=1))
     print(json.dumps(asdict(result)), flush=True)
+
+
+DONE = "@@done"
+READY = "@@ready"
+
+
+def serve(run_once: Callable[[dict], SideResult]) -> None:
+    """The worker loop: one run per JSON line on stdin, ``@@done ok|error`` after each."""
+    print(READY, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        command = json.loads(line)
+        status = "ok"
+        try:
+            result = run_once(command)
+            if command.get("out"):
+                write(result, Path(command["out"]))
+        except Exception:  # the worker stays up; the orchestrator records the failed run
+            traceback.print_exc()
+            status = "error"
+        free()
+        print(f"{DONE} {status}", flush=True)
+
+
+def free() -> None:
+    """Give back what a finished run held, and start a new memory peak."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()

@@ -18,14 +18,19 @@ Sides (``--sides``):
   unsloth    Unsloth at the largest batch of ``--unsloth-batches`` that fits (``unsloth_side.py``)
   qlora      qlora-ray at its defaults (packed rows of 512, 8 a step, peft path)
   fused      qlora-ray at its defaults with the fused path (``qlora_ray.kernels.fuse``)
-  fused-bN / fused-nogc / fused-offload   the fused path with N rows a step / no checkpointing /
-             checkpointing offloaded to host memory
+  fused-bN / fused-nogc / fused-offload / fused-compile   the fused path with N rows a step / no
+             checkpointing / checkpointing offloaded to host memory / torch.compile'd elementwise
+             (parts combine: fused-b16-nogc)
 
     python benchmarks/throughput.py --out DIR [--rounds 3] [--sides hf-tuned,unsloth,qlora,fused]
+        [--budget-s 540] [--profile fused]
 
-Rounds alternate the sides (each round starts one later in the list); the batch each of hf-tuned
-and unsloth found in round 1 is kept for the next rounds. ``DIR/fair.json`` holds every run,
-``DIR/fair.md`` the medians, ranges and ratios. ``--smoke`` checks the harness on a CPU.
+Each side is a worker process (see ``sides.py``), started one after another before the first
+round and given a short untimed warm-up run, where imports, compilation and the batch search
+of hf-tuned and unsloth happen; then the rounds alternate the sides (each round starts one
+later in the list), every run on a freshly loaded model, one run on the GPU at a time.
+``DIR/fair.json`` holds every run (rewritten after each), ``DIR/fair.md`` the medians, ranges
+and ratios, ``DIR/logs/SIDE.log`` each worker's output. ``--smoke`` checks the harness on a CPU.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ import argparse
 import json
 import math
 import os
+import queue
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -149,17 +157,16 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def side_command(name: str, work: Path, out: Path, found: dict, args) -> list:
-    """The command line that runs side ``name`` once."""
+def side_command(name: str, work: Path, args) -> list:
+    """The command line that starts side ``name`` as a worker."""
     py = [sys.executable]
-    common = ["--work", str(work), "--out", str(out)] + (["--cpu"] if args.smoke else [])
+    common = ["--work", str(work), "--serve"] + (["--cpu"] if args.smoke else [])
     if name == "hf-b8":
         return py + [str(HERE / "hf_recipe.py"), "--batch", "8", "--max-steps", str(args.b8_steps)] + common
     if name == "hf-tuned":
-        return py + [str(HERE / "hf_recipe.py"), "--tuned"] + (["--batch", str(found[name])] if name in found else []) + common
+        return py + [str(HERE / "hf_recipe.py"), "--tuned"] + common
     if name == "unsloth":
-        batches = str(found[name]) if name in found else args.unsloth_batches
-        return py + [str(HERE / "unsloth_side.py"), "--batches", batches] + common
+        return py + [str(HERE / "unsloth_side.py"), "--batches", args.unsloth_batches] + common
     side = py + [str(HERE / "qlora_side.py"), "--name", name] + common
     if name == "qlora":
         return side
@@ -169,12 +176,8 @@ def side_command(name: str, work: Path, out: Path, found: dict, args) -> list:
     for part in name.split("-")[1:]:
         if part.startswith("b") and part[1:].isdigit():
             side += ["--batch-size", part[1:]]
-        elif part == "nogc":
-            side += ["--checkpointing", "false"]
-        elif part == "offload":
-            side.append("--offload")
-        elif part == "nocompile":
-            side.append("--no-compile")
+        elif part in ("nogc", "offload", "compile"):
+            side += {"nogc": ["--checkpointing", "false"], "offload": ["--offload"], "compile": ["--compile"]}[part]
         else:
             raise SystemExit(f"unknown fused variant {part!r} in {name}")
     if args.profile and name == args.profile:
@@ -202,29 +205,87 @@ def prepare(work: Path, args) -> None:
     (work / "task.json").write_text(json.dumps(asdict(task)))
 
 
-def run_side(name: str, round_: int, work: Path, found: dict, args) -> dict:
-    out = args.out / f"{name}_r{round_}.json"
-    log = args.out / "logs" / f"{name}_r{round_}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    started = time.time()
-    with open(log, "w") as f:
+class Worker:
+    """One side's process: started once, then asked for one run at a time (see sides.serve)."""
+
+    def __init__(self, name: str, command: list, log: Path):
+        self.name = name
+        self.log = open(log, "w", buffering=1)
+        self.events: "queue.Queue[str]" = queue.Queue()
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.log.write(line)
+            if line.startswith("@@"):
+                self.events.put(line.strip())
+        self.events.put("@@eof")
+
+    def wait(self, timeout: float) -> str:
+        """The next ``@@`` line: ``@@ready``, ``@@done ok|error``, ``@@eof``, or ``timeout``."""
         try:
-            rc = subprocess.run(side_command(name, work, out, found, args), stdout=f, stderr=subprocess.STDOUT,
-                                env=env, timeout=args.side_timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+            return self.events.get(timeout=max(1.0, timeout))
+        except queue.Empty:
+            return "timeout"
+
+    def run(self, command: dict, timeout: float) -> str:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.wait()
+        self.log.close()
+
+
+def start_workers(names: list, work: Path, args, clock) -> dict:
+    """Start every side one after another and give each a short untimed warm-up run (imports,
+    compilation, and the batch search of hf-tuned and unsloth happen here, not in a timed run)."""
+    workers = {}
+    for name in names:
+        began = time.time()
+        worker = Worker(name, side_command(name, work, args), args.out / "logs" / f"{name}.log")
+        workers[name] = worker
+        state = worker.wait(clock.left(args.start_timeout))
+        if state == "@@ready":
+            state = worker.run({"warm": True, "max_steps": args.warm_steps}, clock.left(args.start_timeout))
+        print(f"start {name:14s} {state:12s} {time.time() - began:5.0f} s", flush=True)
+        if state != "@@done ok":
+            worker.close()
+            del workers[name]
+    return workers
+
+
+def run_side(worker: Worker, round_: int, clock, args) -> dict:
+    out = args.out / f"{worker.name}_r{round_}.json"
+    started = time.time()
+    state = worker.run({"out": str(out)}, clock.left(args.side_timeout))
     wall = time.time() - started
-    if rc != 0 or not out.is_file():
-        print(f"round {round_} {name}: rc={rc} after {wall:.0f} s (see {log})", flush=True)
-        return {"side": name, "round": round_, "rc": rc, "wall_s": wall}
+    if state != "@@done ok" or not out.is_file():
+        print(f"round {round_} {worker.name}: {state} after {wall:.0f} s (see logs/{worker.name}.log)", flush=True)
+        return {"side": worker.name, "round": round_, "rc": 1, "state": state, "wall_s": wall}
     result = json.loads(out.read_text())
-    result.update(round=round_, rc=rc, wall_s=wall)
-    if name in ("hf-tuned", "unsloth"):
-        found.setdefault(name, result["batch"])
-    print(f"round {round_} {name:14s} {result['tokens_per_s']:9.0f} tok/s  peak {result['peak_gib']:.2f} GiB  "
-          f"eval {result['eval_loss'] if result['eval_loss'] is None else round(result['eval_loss'], 3)}  "
-          f"batch {result['batch']}  wall {wall:.0f} s", flush=True)
+    result.update(round=round_, rc=0, wall_s=wall)
+    loss = "n/a" if result["eval_loss"] is None else f"{result['eval_loss']:.3f}"
+    print(f"round {round_} {worker.name:14s} {result['tokens_per_s']:9.0f} tok/s  peak {result['peak_gib']:.2f} GiB  "
+          f"eval {loss}  batch {result['batch']}  steps {result['steps']}  wall {wall:.0f} s", flush=True)
     return result
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.time() + seconds
+
+    def left(self, cap: float) -> float:
+        return min(cap, self.end - time.time())
 
 
 def summarize(runs: list, names: list) -> tuple:
@@ -274,36 +335,43 @@ def main() -> None:
     parser.add_argument("--states", type=int, default=256, help="Token ids the bigram chain walks over.")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warm-share", type=float, default=0.1)
+    parser.add_argument("--warm-steps", type=int, default=3, help="Steps of each side's untimed warm-up run.")
     parser.add_argument("--b8-steps", type=int, default=-1, help="Stop hf-b8 after this many steps (-1: one epoch).")
     parser.add_argument("--unsloth-batches", default="128,64,32")
-    parser.add_argument("--profile", default=None, help="A fused/qlora side to profile (its middle step).")
-    parser.add_argument("--once", default="", help="Sides to run in the first round only.")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="Start no run after this many seconds.")
-    parser.add_argument("--side-timeout", type=float, default=400)
+    parser.add_argument("--profile", default=None, help="A fused/qlora side to profile (a middle step of its first run).")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="Stop everything after this many seconds.")
+    parser.add_argument("--start-timeout", type=float, default=300)
+    parser.add_argument("--side-timeout", type=float, default=300)
     parser.add_argument("--smoke", action="store_true", help="Check the harness on a CPU (tiny model).")
     args = parser.parse_args()
-    started = time.time()
+    clock = Budget(args.budget_s)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="qlora-fair-"))
     prepare(work, args)
     names = args.sides.split(",")
-    once = set(filter(None, args.once.split(",")))
     env = dict(gpu=_gpu(), cap_gib=sides.CAP_GIB, examples=args.examples, states=args.states, lr=args.lr,
                warm_share=args.warm_share, date=time.strftime("%Y-%m-%d %H:%M"), rounds=args.rounds)
     print(json.dumps(env), flush=True)
-    runs, found = [], {}
-    for round_ in range(1, args.rounds + 1):
-        shift = (round_ - 1) % len(names)
-        for name in names[shift:] + names[:shift]:
-            if round_ > 1 and name in once:
-                continue
-            if time.time() - started > args.budget_s:
-                print(f"budget spent: round {round_} {name} not run", flush=True)
-                continue
-            runs.append(run_side(name, round_, work, found, args))
-            table, ratios = summarize(runs, names)
-            (args.out / "fair.json").write_text(json.dumps(dict(env=env, runs=runs, table=table, ratios=ratios), indent=1))
+    workers: dict = {}
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # runs the finally below
+    runs = []
+    try:
+        workers = start_workers(names, work, args, clock)
+        for round_ in range(1, args.rounds + 1):
+            order = [n for n in names if n in workers]
+            shift = (round_ - 1) % max(1, len(order))
+            for name in order[shift:] + order[:shift]:
+                if clock.left(1e9) < 10:
+                    print(f"budget spent: round {round_} {name} not run", flush=True)
+                    continue
+                runs.append(run_side(workers[name], round_, clock, args))
+                table, ratios = summarize(runs, names)
+                (args.out / "fair.json").write_text(json.dumps(dict(env=env, runs=runs, table=table, ratios=ratios),
+                                                               indent=1))
+    finally:
+        for worker in workers.values():
+            worker.close()
     table, ratios = summarize(runs, names)
     (args.out / "fair.md").write_text(markdown(table, ratios, env))
     print(markdown(table, ratios, env), flush=True)

@@ -1,8 +1,8 @@
 """Unsloth as a side of the throughput benchmark, in its own process (it patches transformers and
 peft at import, so it is imported before them and never shares a process with another side).
 
-    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python benchmarks/unsloth_side.py --work WORK --out r.json
-        [--batches 128,64,32]
+    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python benchmarks/unsloth_side.py --work WORK
+        (--out r.json | --serve) [--batches 128,64,32]
 
 Run as its users run it: ``FastLanguageModel.from_pretrained(dir, max_seq_length=512, dtype=fp16,
 load_in_4bit=True)`` (NF4 + double quant), ``get_peft_model`` with LoRA r16 / alpha 32 on all
@@ -50,41 +50,52 @@ def load(model_dir: str, task: sides.Task):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
+    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
     parser.add_argument("--batches", default="128,64,32", help="Largest first; the first that fits is used.")
     args = parser.parse_args()
-    started = time.time()
     task = sides.Task.read(args.work)
     sides.cap_memory(task.cap_gib)
     train, held = sides.rows(args.work, "train"), sides.rows(args.work, "eval")
-    for batch in [int(b) for b in args.batches.split(",")]:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        model, tokenizer = load(str(args.work / "model"), task)
-        try:
-            result = train_with_trainer(model, tokenizer, train, batch, task.lr, grouped=True, checkpointing=False,
-                                        warm_share=task.warm_share, out_dir=str(args.work / "unsloth_out"))
-        except torch.OutOfMemoryError:
-            print(f"unsloth: batch {batch} does not fit {task.cap_gib} GiB", flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    def run_once(command: dict) -> sides.SideResult:
+        started = time.time()
+        for batch in list(batches):
+            sides.free()
+            model, tokenizer = load(str(args.work / "model"), task)
+            try:
+                result = train_with_trainer(model, tokenizer, train, batch, task.lr, grouped=True, checkpointing=False,
+                                            warm_share=task.warm_share, out_dir=str(args.work / "unsloth_out"),
+                                            max_steps=command.get("max_steps") or -1)
+            except torch.OutOfMemoryError:
+                print(f"unsloth: batch {batch} does not fit {task.cap_gib} GiB", flush=True)
+            else:
+                break
+            del model  # outside the handler, whose traceback holds the failed run's tensors
+            batches.remove(batch)  # later runs start at the batch that fits
+            gc.collect()
         else:
-            break
-        del model  # outside the handler, whose traceback holds the failed run's tensors
-        gc.collect()
-    else:
-        raise SystemExit(f"unsloth: no batch of {args.batches} fits {task.cap_gib} GiB")
-    peak = sides.peak_gib()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        eval_loss = sides.heldout_loss(model, held, pad)
-    except Exception as e:  # report the speed even if its eval path refuses our batches
-        print(f"unsloth: held-out loss failed: {type(e).__name__}: {e}", flush=True)
+            raise RuntimeError(f"unsloth: no batch of {args.batches} fits {task.cap_gib} GiB")
+        peak = sides.peak_gib()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eval_loss = None
-    sides.write(sides.SideResult(
-        side="unsloth", tokens_per_s=result.tokens_per_s, peak_gib=peak, eval_loss=eval_loss,
-        final_loss=result.final_loss, steps=result.steps, timed_steps=result.timed_steps,
-        target_tokens=result.target_tokens, batch=batch, train_s=result.train_s,
-        process_s=time.time() - started, gpu=sides.gpu_name(),
-        notes={"unsloth": getattr(unsloth, "__version__", "?")}), args.out)
+        if not command.get("warm"):
+            try:
+                eval_loss = sides.heldout_loss(model, held, pad)
+            except Exception as e:  # report the speed even if its eval path refuses our batches
+                print(f"unsloth: held-out loss failed: {type(e).__name__}: {e}", flush=True)
+        return sides.SideResult(
+            side="unsloth", tokens_per_s=result.tokens_per_s, peak_gib=peak, eval_loss=eval_loss,
+            final_loss=result.final_loss, steps=result.steps, timed_steps=result.timed_steps,
+            target_tokens=result.target_tokens, batch=batch, train_s=result.train_s,
+            process_s=time.time() - started, gpu=sides.gpu_name(),
+            notes={"unsloth": getattr(unsloth, "__version__", "?")})
+
+    if args.serve:
+        sides.serve(run_once)
+    else:
+        sides.write(run_once({}), args.out)
 
 
 if __name__ == "__main__":

@@ -65,20 +65,19 @@ class FusedHandle:
         self.unfuse()
 
 
-def fuse(model, compute_dtype: Optional[torch.dtype] = None, compile: Optional[bool] = None,
+def fuse(model, compute_dtype: Optional[torch.dtype] = None, compile: bool = False,
          offload: bool = False) -> FusedHandle:
     """Patch ``model`` (a peft model over a Llama-style causal LM) for fused training.
 
     ``compute_dtype`` defaults to the model's (``qlora_compute_dtype`` as set by
     ``qlora_ray.model.load_base``, else the 4-bit layers' compute dtype, else fp32).
-    ``compile`` (default: on CUDA) runs SwiGLU's backward and RMSNorm through
-    ``torch.compile``, falling back to plain PyTorch where that fails. ``offload`` keeps the
+    ``compile`` runs SwiGLU's backward and RMSNorm through ``torch.compile`` on CUDA (Triton,
+    which builds for sm75 too), falling back to plain PyTorch where that fails; off by default
+    until its compile time is measured against its gain. ``offload`` keeps the
     checkpointed layer inputs in host memory (needs gradient checkpointing on).
     """
     dtype = compute_dtype or _compute_dtype(model)
     device = next(model.parameters()).device
-    if compile is None:
-        compile = device.type == "cuda"
     context = Context(dtype=dtype, cache=LoraCache(), ops=Elementwise(compile and device.type == "cuda"))
     handle = FusedHandle(model=model, context=context)
     handle.modules = patch_model(model, context)
