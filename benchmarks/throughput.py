@@ -316,7 +316,8 @@ def markdown(table: dict, ratios: dict, env: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, t in table.items():
         loss = "n/a" if t["eval_loss"] is None else f"{t['eval_loss']:.3f}"
-        lines.append(f"| {name} | {t['runs']} | {t['median']:,.0f} | {t['low']:,.0f}-{t['high']:,.0f} | {t['batch']} | "
+        batch = f"{t['batch']} tokens" if name.startswith(("qlora", "fused")) else f"{t['batch']} rows"
+        lines.append(f"| {name} | {t['runs']} | {t['median']:,.0f} | {t['low']:,.0f}-{t['high']:,.0f} | {batch} | "
                      f"{t['peak_gib']:.2f} | {loss} | {t['steps']} |")
     lines.append("")
     names = {"fused": "qlora-ray", "qlora": "qlora-ray (peft path)", "unsloth": "Unsloth", "hf-tuned": "tuned HF",
