@@ -16,7 +16,9 @@ from rich.table import Table
 
 from qlora_ray.cli.app import app, console, err_console, user_errors
 from qlora_ray.cli.spec_cmds import split_args
+from qlora_ray import layout
 from qlora_ray.errors import UserError
+from qlora_ray.files import move_aside
 from qlora_ray.spec import URI_SCHEMES, load_spec
 
 
@@ -39,8 +41,8 @@ def train(
                                      help="The job spec, then dotted overrides (train.max_steps=20)."),
     trial: Optional[str] = typer.Option(None, "--trial", help="Which trial of a sweep to train (its id, "
                                         "as `qlora-ray validate` lists them). Default: the first."),
-    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0 even if the trial folder has "
-                               "checkpoints (they are replaced as training proceeds)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0: the trial's previous folder is "
+                               "moved aside to <output.dir>/<name>.old-<time>/ (never deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train one trial in this process (no Ray) into <output.dir>/<name>/<trial id>/.
@@ -78,6 +80,15 @@ def train(
     with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
         resolve_source(spec.model, spec.data.cache_dir)
     trial_dir = Path(spec.experiment_dir) / chosen.id
+    if fresh:
+        moved = move_aside(trial_dir)
+        if moved is not None:
+            console.print(f"--fresh: moved the previous trial folder to {moved}", highlight=False)
+    elif _finished(trial_dir, chosen.spec):
+        console.print(f"trial {chosen.id} is already finished ({trial_dir / layout.RESULT_FILE}); nothing to "
+                      "train. Train it again from step 0 with --fresh (the old folder is moved aside), or "
+                      "raise train.max_steps to train on from its last checkpoint.", highlight=False)
+        return
     resume = None if fresh else training.latest_checkpoint(trial_dir)
     if resume is not None:
         console.print(f"resuming from {resume}", highlight=False)
@@ -92,6 +103,15 @@ def train(
     console.print(f"adapter: {result.adapter_dir}", highlight=False)
     if result.samples_file:
         console.print(f"samples: {result.samples_file}", highlight=False)
+
+
+def _finished(trial_dir: Path, spec) -> bool:
+    """The trial folder holds a finished run that this spec would not train further."""
+    from qlora_ray.records import TrialResult
+
+    result = TrialResult.read(trial_dir / layout.RESULT_FILE)
+    final = result.final if result else None
+    return final is not None and not (spec.train.max_steps and spec.train.max_steps > final.step)
 
 
 def _result_table(trial_id: str, result) -> Table:

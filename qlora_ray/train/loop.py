@@ -26,6 +26,7 @@ from qlora_ray.evaluate import measure, write_samples
 from qlora_ray.files import write_text
 from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load_base, save_adapter
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
+from qlora_ray.resume import check_resume
 from qlora_ray.spec import JobSpec, to_yaml
 from qlora_ray.train import checkpoint as ckpt
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory, sync
@@ -84,7 +85,12 @@ class Trainer:
         spec, t = self.spec, self.spec.train
         reset_peak_memory()
         self.trial_dir.mkdir(parents=True, exist_ok=True)
-        (self.trial_dir / layout.RESOLVED_SPEC_FILE).write_text(to_yaml(spec), encoding="utf-8")
+        checkpoint = ckpt.find_checkpoint(self.run.resume_from, self.trial_dir)
+        if checkpoint is not None:
+            # Before anything is written: a refused resume leaves the trial folder as it was.
+            check_resume(checkpoint, spec, layout.CHECKPOINT_SPEC_FILE, self.trial_dir / layout.RESOLVED_SPEC_FILE)
+        self.spec_yaml = to_yaml(spec)
+        write_text(self.trial_dir / layout.RESOLVED_SPEC_FILE, self.spec_yaml)
         ckpt.seed_everything(t.seed)
         self.say(f"loading {spec.model.name} ({spec.quantization.mode}) and the data ...")
         base, self.tokenizer, dtype, _ = load_base(spec)
@@ -95,7 +101,6 @@ class Trainer:
         if self.device.type == "cuda" and self.run.gpu_memory_fraction:
             torch.cuda.set_per_process_memory_fraction(self.run.gpu_memory_fraction, self.device)
         self.model, self.dtype = model, dtype
-        checkpoint = ckpt.find_checkpoint(self.run.resume_from, self.trial_dir)
         if self.baseline is None and self.run.base_figures is None:
             self.say(f"measuring the base model on {len(self.prepared.eval)} eval examples ...")
             self.baseline = self._measure_base(reuse=checkpoint is not None)
@@ -169,7 +174,7 @@ class Trainer:
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
-            ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts))
+            ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts, self.spec_yaml))
         self.bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
         with open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(to_line(row))
