@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 # Marks that the kill has fired in a trial folder, so the retry lives.
 KILLED_MARKER = ".test-killed"
+STALLED_MARKER = ".test-stalled"
+STALL_S = 600
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class FaultPlan:
 
     kill_at_step: Optional[int] = None
     crash_trial: Optional[str] = None
+    # The worker stalls at this step on its first attempt (after the step's report), so a test can
+    # interrupt the sweep at a known point; ``STALLED_MARKER`` in the trial folder says it is there.
+    stall_at_step: Optional[int] = None
 
     def at_step(self, step: Optional[int], trial_dir: Path) -> None:
         """Called by the worker after each step's report is built, before it is sent."""
@@ -34,6 +40,13 @@ class FaultPlan:
         if self.kill_at_step and step == self.kill_at_step and not marker.exists():
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_report(self, step: Optional[int], trial_dir: Path) -> None:
+        """Called by the worker after each step's report was sent."""
+        marker = Path(trial_dir) / STALLED_MARKER
+        if self.stall_at_step and step == self.stall_at_step and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(STALL_S)
 
     def at_trial_start(self, trial_id: str) -> None:
         """Called by the trial driver once the trial is stamped running."""

@@ -102,6 +102,7 @@ class _Reporter:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.session.report(metrics, checkpoint=checkpoint)
         self.sync(full=False)
+        self.config.faults.after_report(metrics.get("step"), self.trial_dir)
 
     def sync(self, full: bool) -> None:
         """For a URI: the trial's files (``full``) or just its growing logs, to storage."""
@@ -137,6 +138,11 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
     checkpoint = session.get_checkpoint()
     outcome = TrialResult()
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_from:
+        if resume_from is None:
+            # Ray has none (runner tune after a re-submit; Ray's own state moved or lost): the
+            # trial folder's newest sound checkpoint, as `qlora-ray train` resumes.
+            local = train.latest_checkpoint(trial_dir)
+            resume_from = str(local) if local is not None else None
         _log_start(trial_dir, resume_from)
         baseline = Baseline.from_json(config.baseline) if config.baseline else None
         fit_started = time.time()
