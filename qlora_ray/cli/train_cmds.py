@@ -137,6 +137,19 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _say_base(target: Path, trust_remote_code: bool) -> Path:
+    """Name the base model (and revision) about to be loaded for the adapter at ``target``; its folder.
+    Refuses (exit 2) an adapter whose spec asks for remote code without --trust-remote-code."""
+    from qlora_ray.model import adapter_spec, base_model_label, find_adapter
+
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
+    err_console.print(f"adapter {adapter_dir} on base model {base_model_label(spec)}"
+                      + (" (its own code allowed: --trust-remote-code)" if trust_remote_code else ""),
+                      highlight=False, markup=False, soft_wrap=True)
+    return adapter_dir
+
+
 # ---------------------------------------------------------------- eval
 
 @app.command("eval")
@@ -151,6 +164,9 @@ def eval_(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
 
@@ -161,8 +177,9 @@ def eval_(
     from qlora_ray.adapters import eval_data, evaluate_adapter
 
     _quiet_libraries()
+    _say_base(target, trust_remote_code)
     result = evaluate_adapter(target, lambda spec: eval_data(spec, data_file, fmt, max_examples, max_seq_len),
-                              batch_size, status=err_console.status)
+                              batch_size, status=err_console.status, trust_remote_code=trust_remote_code)
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(result)))
         return
@@ -187,6 +204,9 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (greedy)."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Talk to a tuned model: a REPL (/reset clears the history, /quit or Ctrl-D leaves), or --prompt once.
 
@@ -197,12 +217,12 @@ def chat(
     import contextlib
 
     from qlora_ray.evaluate import chat_reply
-    from qlora_ray.model import find_adapter, load_adapter
+    from qlora_ray.model import load_adapter
 
     _quiet_libraries()
-    adapter_dir = find_adapter(target)
+    adapter_dir = _say_base(target, trust_remote_code)
     with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, dtype, _ = load_adapter(adapter_dir)
+        model, tokenizer, dtype, _ = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages: list) -> str:
@@ -246,6 +266,9 @@ def merge(
     data_file: Optional[str] = typer.Option(None, "--data", help="Data for the drift check "
                                             "(default: the adapter's eval set)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Check on at most this many examples."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Merge an adapter into its 16-bit base model and save it, if its perplexity holds.
 
@@ -259,7 +282,9 @@ def merge(
     from qlora_ray.adapters import MergeOptions, merge_adapter
 
     _quiet_libraries()
-    options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples)
+    _say_base(target, trust_remote_code)
+    options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples,
+                           trust_remote_code=trust_remote_code)
     merge_adapter(target, out, options, status=err_console.status,
                   say=lambda text: console.print(text, highlight=False))
     console.print(f"[green]merged[/]: {out}", highlight=False)
