@@ -16,6 +16,7 @@ import functools
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from qlora_ray import layout
-from qlora_ray.errors import UserError
+from qlora_ray.errors import UserError, disk_full_errno
 from qlora_ray.plan import Trial
 from qlora_ray.records import Baseline, Timing, TrialEvent, TrialResult, now, to_line
 from qlora_ray.runtime import experiment
@@ -157,10 +158,17 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
             # of raising (which would make Ray Train restart the worker max_failures times).
             outcome.error = f"{type(e).__name__}: {e}"
     outcome.timing = Timing(worker_entered=entered, fit_started=fit_started, fit_ended=time.time())
-    reporter.sync(full=True)
-    # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
-    # outcome itself, so it travels through storage (the final figures are stored only here).
-    storage.write_record(layout.trial_file(trial.id, layout.RESULT_FILE), outcome)
+    try:
+        reporter.sync(full=True)
+        # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
+        # outcome itself, so it travels through storage (the final figures are stored only here).
+        storage.write_record(layout.trial_file(trial.id, layout.RESULT_FILE), outcome)
+    except OSError as e:
+        if disk_full_errno(e) is None:
+            raise
+        # A retry would meet the same full disk: end here; the trial function finds no outcome
+        # and says why (``_missing_outcome``).
+        print(f"qlora-ray: cannot record the outcome of {trial.id}: {e}", file=sys.stderr, flush=True)
 
 
 def _torch_trainer(config: TrialConfig, storage: Storage):
@@ -191,6 +199,18 @@ def _torch_trainer(config: TrialConfig, storage: Storage):
 
 # ---------------------------------------------------------------- the Tune trial function
 
+def _missing_outcome(storage: Storage, trial: Trial) -> str:
+    """Why a trial ended without ``result.json``: a full disk where it writes, when that is so."""
+    why = "training ended without a final report"
+    if storage.is_local_path:
+        folder = Path(storage.path(trial.id))
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return (f"DiskFullError: {why}: no space left on device under {folder}: free space there or "
+                        "point output.dir elsewhere")
+    return why
+
+
 def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
     """One Tune trial: fit it (in its TorchTrainer, or right here with runner tune); its status
     stamped through ``experiment``; its end reported to Tune for the progress display."""
@@ -205,8 +225,7 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
         else:
             _torch_trainer(config, storage).fit()
         result = storage.read_record(TrialResult, layout.trial_file(trial.id, layout.RESULT_FILE))
-        error = None if result and result.final else (result and result.error) or \
-            "training ended without a final report"
+        error = None if result and result.final else (result and result.error) or _missing_outcome(storage, trial)
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
         if trial.spec.resources.runner == "tune":
             raise  # Tune restarts the trial from its last checkpoint (resources.max_failures times)

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from qlora_ray import data, layout
-from qlora_ray.errors import UserError
+from qlora_ray.errors import UserError, disk_full_as
 from qlora_ray.evaluate import measure, write_samples
 from qlora_ray.files import write_text
 from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load_base, save_adapter
@@ -176,7 +176,8 @@ class Trainer:
             self.state.wall_s = self._wall()
             ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts, self.spec_yaml))
         self.bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
-        with open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
+        with disk_full_as(f"the step-{row.step} row of {layout.METRICS_FILE}", self.trial_dir), \
+                open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(to_line(row))
         self.report(row.fields(), ckpt_dir)
 
@@ -196,7 +197,8 @@ class Trainer:
     def finish(self) -> FitResult:
         """Save the adapter, measure base (if not yet) and tuned model, write ``result.json``."""
         model, spec, state = self.parts.model, self.spec, self.state
-        adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
+        with disk_full_as("the final adapter", self.trial_dir / layout.ADAPTER_DIR):
+            adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
         baseline = self.baseline
         if baseline is None:
             baseline = self.run.base_figures() if self.run.base_figures else None
@@ -207,8 +209,9 @@ class Trainer:
         tuned = measure(model, self.tokenizer, self.prepared, spec, self.parts.compute_dtype)
         samples = None
         if tuned.prompts:
-            samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
-                                        tuned.replies))
+            with disk_full_as(layout.SAMPLES_FILE, self.trial_dir):
+                samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
+                                            tuned.replies))
         base_ppl, eval_ppl = baseline.perplexity, tuned.perplexity
         result = FitResult(
             step=state.step, total_steps=self.total, train_loss=state.last_loss, eval_ppl=eval_ppl,
@@ -217,7 +220,8 @@ class Trainer:
             peak_mem_gb=peak_memory_gb(self.device), wall_s=self._wall(), train_s=state.train_s,
             adapter_dir=str(adapter_dir), samples_file=samples,
             gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch())
-        write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
+        with disk_full_as(layout.RESULT_FILE, self.trial_dir):
+            write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
         return result
 
 
