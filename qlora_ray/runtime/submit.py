@@ -70,6 +70,8 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
 
 
 def _say_where(cluster, storage: Storage, say: Callable[[str], None]) -> None:
+    for note in cluster.notes:
+        say(note)
     if cluster.dashboard_url:
         say(f"Ray dashboard: {cluster.dashboard_url}  (token: `ray get-auth-token`)")
     if cluster.log_dir:
