@@ -19,6 +19,7 @@ from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray import layout
 from qlora_ray.errors import UserError
 from qlora_ray.files import move_aside
+from qlora_ray.lock import experiment_lock
 from qlora_ray.spec import URI_SCHEMES, load_spec
 
 
@@ -73,12 +74,18 @@ def train(
         console.print(f"{specs[0]} sweeps {len(trials)} trials; training the first ({chosen.id}). "
                       "Pick another with --trial, or run them all with `qlora-ray submit`.", highlight=False)
 
-    from qlora_ray import train as training
     from qlora_ray.model import resolve_source
 
     _quiet_libraries()
     with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
         resolve_source(spec.model, spec.data.cache_dir)
+    with experiment_lock(spec.experiment_dir, f"qlora-ray train {specs[0]}"):
+        _train_one(chosen, spec, fresh, quiet)
+
+
+def _train_one(chosen, spec, fresh: bool, quiet: bool) -> None:
+    from qlora_ray import train as training
+
     trial_dir = Path(spec.experiment_dir) / chosen.id
     if fresh:
         moved = move_aside(trial_dir)
