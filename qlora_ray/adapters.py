@@ -59,13 +59,14 @@ class AdapterEval:
 
 
 def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_size: int = 8,
-                     status: Status = _quiet_status) -> AdapterEval:
+                     status: Status = _quiet_status, trust_remote_code: bool = False) -> AdapterEval:
     """Perplexity of the adapter at ``target`` (an adapter, trial or experiment folder) and of its
-    base (adapter switched off) on the data ``dspec_for(adapter's spec)`` names."""
+    base (adapter switched off) on the data ``dspec_for(adapter's spec)`` names. The base model's
+    own code runs only with ``trust_remote_code`` (never as the adapter's spec says)."""
     adapter_dir = find_adapter(target)
-    dspec = dspec_for(adapter_spec(adapter_dir))
+    dspec = dspec_for(adapter_spec(adapter_dir, trust_remote_code))
     with status("loading the adapter and its base model..."):
-        model, tokenizer, dtype, spec = load_adapter(adapter_dir)
+        model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
         prepared = data.prepare(dspec, tokenizer)
     batches = data.eval_batches(prepared, batch_size)
     with status(f"measuring {prepared.eval_stats.examples} examples..."):
@@ -86,6 +87,7 @@ class MergeOptions:
     tolerance: float = 0.02
     data_file: Optional[str] = None
     max_examples: Optional[int] = None
+    trust_remote_code: bool = False  # the user's choice: may the base model's own code run
 
     def check(self, out: Path) -> None:
         if self.dtype not in ("bf16", "fp16"):
@@ -104,7 +106,7 @@ def merge_adapter(target, out: Path, options: MergeOptions, status: Status = _qu
     nothing is written and a UserError says so."""
     options.check(out)
     adapter_dir = find_adapter(target)
-    spec = adapter_spec(adapter_dir)
+    spec = adapter_spec(adapter_dir, options.trust_remote_code)
     trained_on = spec.quantization.mode
     if options.data_file is not None:
         dspec = eval_data(spec, options.data_file, "auto", options.max_examples, None)
@@ -112,7 +114,8 @@ def merge_adapter(target, out: Path, options: MergeOptions, status: Status = _qu
         dspec = dataclasses.replace(spec.data, max_eval_examples=options.max_examples or spec.data.max_eval_examples)
     device = pick_device(None)
     with status("measuring the adapter on its quantized base..."):
-        model, tokenizer, adapter_dtype, _ = load_adapter(adapter_dir, device=device)
+        model, tokenizer, adapter_dtype, _ = load_adapter(adapter_dir, device=device,
+                                                          trust_remote_code=options.trust_remote_code)
         try:
             prepared = data.prepare(dspec, tokenizer)
         except UserError as e:

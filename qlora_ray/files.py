@@ -6,8 +6,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -45,3 +46,20 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def move_aside(folder: Path) -> Optional[Path]:
+    """Move ``<exp>/<trial>`` to ``<exp>.old-<time>/<trial>`` (as ``submit --fresh`` moves a whole
+    experiment), so a fresh start never deletes the previous run; None when there is nothing."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = folder.parent.with_name(f"{folder.parent.name}.old-{stamp}") / folder.name
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{folder.name}.{n}")
+        n += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(folder, target)
+    return target

@@ -55,6 +55,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
 RNG_FILE = "rng.pt"
+CHECKPOINT_SPEC_FILE = "spec.yaml"  # the resolved spec the checkpoint was trained under
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 # ---------------------------------------------------------------- an adapter folder

@@ -311,8 +311,31 @@ def find_adapter(path: str | os.PathLike) -> Path:
     raise UserError(f"'{path}' holds no adapter (looked for adapter_config.json in it, in adapter/ and in best/adapter/)")
 
 
-def adapter_spec(adapter_dir: str | os.PathLike) -> JobSpec:
-    """The resolved spec an adapter was trained with (saved inside it)."""
+class RemoteCodeRefused(UserError):
+    """An adapter's spec asks for the base model's own code to run, and the user did not allow it."""
+
+
+def adapter_spec(adapter_dir: str | os.PathLike, trust_remote_code: bool = False) -> JobSpec:
+    """The resolved spec an adapter was trained with (saved inside it), with ``model.trust_remote_code``
+    set by the caller, never by the adapter: an adapter folder may come from anyone, and its spec
+    must not decide what code runs here. When it asks for remote code and ``trust_remote_code``
+    is False: :class:`RemoteCodeRefused`."""
+    spec = _saved_adapter_spec(adapter_dir)
+    if spec.model.trust_remote_code and not trust_remote_code:
+        raise RemoteCodeRefused(
+            f"{Path(adapter_dir) / ADAPTER_SPEC_FILE}: the adapter was trained with model.trust_remote_code on: "
+            f"loading its base model {base_model_label(spec)} runs Python code that comes with that model. "
+            "Nothing was loaded. If you trust that model's code, pass --trust-remote-code.")
+    spec.model.trust_remote_code = trust_remote_code
+    return spec
+
+
+def base_model_label(spec: JobSpec) -> str:
+    """``name`` at which revision, as a user would check it (``@ revision``, or the default branch)."""
+    return f"'{spec.model.name}' @ {spec.model.revision or 'default revision (unpinned)'}"
+
+
+def _saved_adapter_spec(adapter_dir: str | os.PathLike) -> JobSpec:
     import yaml
     from omegaconf import OmegaConf
 
@@ -326,17 +349,18 @@ def adapter_spec(adapter_dir: str | os.PathLike) -> JobSpec:
 
 
 def load_adapter(adapter_dir: str | os.PathLike, quantization: Optional[QuantizationSpec] = None,
-                 device=None) -> LoadedModel:
+                 device=None, trust_remote_code: bool = False) -> LoadedModel:
     """Reload an adapter on its base: the peft model in eval mode, its tokenizer, compute dtype and
     resolved spec.
 
     The base model and quantization come from the spec saved in the adapter; pass
-    ``quantization`` to load the base differently (e.g. unquantized for merging).
+    ``quantization`` to load the base differently (e.g. unquantized for merging). Whether the
+    base model's own code may run is ``trust_remote_code`` (the user's choice, see ``adapter_spec``).
     """
     from peft import PeftModel
 
     adapter_dir = find_adapter(adapter_dir)
-    spec = adapter_spec(adapter_dir)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
     if quantization is not None:
         spec.quantization = quantization
     base, tokenizer, dtype, _ = load_base(spec, device=device if device is not None else pick_device(None))

@@ -70,6 +70,7 @@ class Leaderboard:
     sweep_keys: List[str]
     rows: List[TrialRow]
     base_ppl: Optional[float] = None
+    spec_file: Optional[str] = None  # the spec last submitted (how to resume stopped trials)
 
     @property
     def best(self) -> Optional[TrialRow]:
@@ -167,7 +168,7 @@ def read_leaderboard(exp_dir: str | os.PathLike) -> Leaderboard:
             row.base_ppl = base
     ranked = sorted(rows.values(), key=_rank_key)
     return Leaderboard(name=plan.name or exp.name, sweep_keys=keys, rows=ranked,
-                       base_ppl=base if _num(base) else None)
+                       base_ppl=base if _num(base) else None, spec_file=plan.spec_file or None)
 
 
 def _rank_key(row: TrialRow) -> tuple:
@@ -245,6 +246,13 @@ def to_records(board: Leaderboard) -> List[Dict[str, Any]]:
     return records
 
 
+def resume_hint(board: Leaderboard, stopped: int) -> str:
+    """How stopped trials go on: the same submit again resumes each from its last checkpoint."""
+    spec = f"`qlora-ray submit {board.spec_file}`" if board.spec_file else "the same `qlora-ray submit`"
+    return (f"{stopped} trial(s) stopped before the end (interrupted): run {spec} again to resume them "
+            "from their last checkpoints (`--fresh` starts the experiment over).")
+
+
 def to_markdown(board: Leaderboard) -> str:
     headers, rows = table_rows(board)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(board.counts().items(), key=lambda kv: _STATE_ORDER.get(kv[0], 5)))
@@ -260,6 +268,9 @@ def to_markdown(board: Leaderboard) -> str:
     best = board.best
     if best is not None:
         lines += ["", f"Best: `{best.trial_id}` (eval ppl {best.eval_ppl:.2f}); adapter in `{layout.BEST_LINK}/{layout.ADAPTER_DIR}/`."]
+    stopped = board.counts().get(STOPPED, 0)
+    if stopped:
+        lines += ["", resume_hint(board, stopped)]
     if board.failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- `{r.trial_id}`: {r.reason or 'no reason recorded'}" for r in board.failed]

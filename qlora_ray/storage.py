@@ -17,6 +17,7 @@ from typing import Optional, Type, TypeVar
 import pyarrow.fs as pafs
 
 from qlora_ray import layout, results
+from qlora_ray.errors import disk_full_as
 from qlora_ray.records import Record
 from qlora_ray.spec import URI_SCHEMES
 
@@ -147,7 +148,8 @@ def write_results(exp: str, with_plot: bool = True) -> results.Leaderboard:
     """Write the leaderboard next to the trials (for a URI: into a local mirror, then upload)."""
     storage = Storage(exp)
     folder = local_mirror(exp)
-    board = results.write_leaderboard(folder, with_plot=with_plot)
+    with disk_full_as("the leaderboard", folder):
+        board = results.write_leaderboard(folder, with_plot=with_plot)
     if storage.local is None:
         for suffix in layout.LEADERBOARD_SUFFIXES:
             path = folder / layout.leaderboard_file(suffix)

@@ -369,10 +369,58 @@ def test_train_command_trains_and_resumes(tiny_spec_file):
     assert "tuned eval ppl" in result.output and "adapter:" in result.output
     trial = tiny_spec_file.parent / "runs" / "tiny" / "tiny"
     assert (trial / "adapter" / "adapter_model.safetensors").is_file()
-    # A second run finds the final checkpoint and only evaluates again.
+    # A second run of a finished trial trains nothing and rewrites nothing (peak memory stays).
+    result_before = (trial / "result.json").read_text()
     again = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
     assert again.exit_code == 0, again.output
-    assert "resuming from" in again.output and "step_2" in again.output
+    assert "trial tiny is already finished" in again.output and "--fresh" in again.output
+    assert "resuming from" not in again.output
+    assert (trial / "result.json").read_text() == result_before
+    # More steps: it trains on from the final checkpoint.
+    more = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=3", "--quiet"])
+    assert more.exit_code == 0, more.output
+    assert "resuming from" in more.output and "step_2" in more.output
+    assert json.loads((trial / "result.json").read_text())["final"]["step"] == 3
+
+
+def test_resume_under_a_changed_spec_is_refused(tiny_spec_file):
+    """A checkpoint carries the spec it was trained under; a resume under a spec that differs in a
+    key that changes training (lr, r) is refused, exit 2, naming the keys and --fresh, with nothing
+    written; keys that may change (max_steps, eval settings) resume."""
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
+    assert first.exit_code == 0, first.output
+    trial = tiny_spec_file.parent / "runs" / "tiny" / "tiny"
+    assert (trial / "checkpoints" / "step_2" / "spec.yaml").is_file()
+    saved = (trial / "resolved_spec.yaml").read_text()
+    files = sorted(p.name for p in trial.rglob("*"))
+    changed = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=4", "train.lr=1.0e-5",
+                                  "lora.r=8", "--quiet"])
+    assert changed.exit_code == 2, changed.output
+    assert "train.lr: 0.005 -> 1e-05" in changed.output and "lora.r: 4 -> 8" in changed.output
+    assert "--fresh" in changed.output and "max_steps" not in changed.output
+    assert (trial / "resolved_spec.yaml").read_text() == saved  # the check comes before any write
+    assert sorted(p.name for p in trial.rglob("*")) == files
+    same = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=3", "eval.max_new_tokens=2",
+                               "--quiet"])
+    assert same.exit_code == 0, same.output
+    assert "resuming from" in same.output and "step_2" in same.output
+
+
+def test_train_fresh_moves_the_previous_trial_aside(tiny_spec_file):
+    """``train --fresh`` keeps the previous run: its folder moves to <name>.old-<time>/ first."""
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
+    assert first.exit_code == 0, first.output
+    runs = tiny_spec_file.parent / "runs"
+    old_rows = (runs / "tiny" / "tiny" / "metrics.jsonl").read_text()
+    fresh = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=1", "--fresh", "--quiet"])
+    assert fresh.exit_code == 0, fresh.output
+    aside = [p for p in runs.iterdir() if p.name.startswith("tiny.old-")]
+    assert len(aside) == 1 and f"moved the previous trial folder to {aside[0] / 'tiny'}" in fresh.output.replace("\n", "")
+    assert (aside[0] / "tiny" / "metrics.jsonl").read_text() == old_rows
+    assert (aside[0] / "tiny" / "checkpoints" / "step_2" / "manifest.json").is_file()
+    assert json.loads((runs / "tiny" / "tiny" / "result.json").read_text())["final"]["step"] == 1
 
 
 def test_train_command_errors_exit_2(tiny_spec_file):

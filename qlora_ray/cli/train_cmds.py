@@ -16,7 +16,10 @@ from rich.table import Table
 
 from qlora_ray.cli.app import app, console, err_console, user_errors
 from qlora_ray.cli.spec_cmds import split_args
+from qlora_ray import layout
 from qlora_ray.errors import UserError
+from qlora_ray.files import move_aside
+from qlora_ray.lock import experiment_lock
 from qlora_ray.spec import URI_SCHEMES, load_spec
 
 
@@ -39,8 +42,8 @@ def train(
                                      help="The job spec, then dotted overrides (train.max_steps=20)."),
     trial: Optional[str] = typer.Option(None, "--trial", help="Which trial of a sweep to train (its id, "
                                         "as `qlora-ray validate` lists them). Default: the first."),
-    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0 even if the trial folder has "
-                               "checkpoints (they are replaced as training proceeds)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0: the trial's previous folder is "
+                               "moved aside to <output.dir>/<name>.old-<time>/ (never deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train one trial in this process (no Ray) into <output.dir>/<name>/<trial id>/.
@@ -71,13 +74,28 @@ def train(
         console.print(f"{specs[0]} sweeps {len(trials)} trials; training the first ({chosen.id}). "
                       "Pick another with --trial, or run them all with `qlora-ray submit`.", highlight=False)
 
-    from qlora_ray import train as training
     from qlora_ray.model import resolve_source
 
     _quiet_libraries()
     with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
         resolve_source(spec.model, spec.data.cache_dir)
+    with experiment_lock(spec.experiment_dir, f"qlora-ray train {specs[0]}"):
+        _train_one(chosen, spec, fresh, quiet)
+
+
+def _train_one(chosen, spec, fresh: bool, quiet: bool) -> None:
+    from qlora_ray import train as training
+
     trial_dir = Path(spec.experiment_dir) / chosen.id
+    if fresh:
+        moved = move_aside(trial_dir)
+        if moved is not None:
+            console.print(f"--fresh: moved the previous trial folder to {moved}", highlight=False)
+    elif _finished(trial_dir, chosen.spec):
+        console.print(f"trial {chosen.id} is already finished ({trial_dir / layout.RESULT_FILE}); nothing to "
+                      "train. Train it again from step 0 with --fresh (the old folder is moved aside), or "
+                      "raise train.max_steps to train on from its last checkpoint.", highlight=False)
+        return
     resume = None if fresh else training.latest_checkpoint(trial_dir)
     if resume is not None:
         console.print(f"resuming from {resume}", highlight=False)
@@ -92,6 +110,15 @@ def train(
     console.print(f"adapter: {result.adapter_dir}", highlight=False)
     if result.samples_file:
         console.print(f"samples: {result.samples_file}", highlight=False)
+
+
+def _finished(trial_dir: Path, spec) -> bool:
+    """The trial folder holds a finished run that this spec would not train further."""
+    from qlora_ray.records import TrialResult
+
+    result = TrialResult.read(trial_dir / layout.RESULT_FILE)
+    final = result.final if result else None
+    return final is not None and not (spec.train.max_steps and spec.train.max_steps > final.step)
 
 
 def _result_table(trial_id: str, result) -> Table:
@@ -117,6 +144,19 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _say_base(target: Path, trust_remote_code: bool) -> Path:
+    """Name the base model (and revision) about to be loaded for the adapter at ``target``; its folder.
+    Refuses (exit 2) an adapter whose spec asks for remote code without --trust-remote-code."""
+    from qlora_ray.model import adapter_spec, base_model_label, find_adapter
+
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
+    err_console.print(f"adapter {adapter_dir} on base model {base_model_label(spec)}"
+                      + (" (its own code allowed: --trust-remote-code)" if trust_remote_code else ""),
+                      highlight=False, markup=False, soft_wrap=True)
+    return adapter_dir
+
+
 # ---------------------------------------------------------------- eval
 
 @app.command("eval")
@@ -131,6 +171,9 @@ def eval_(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
 
@@ -141,8 +184,9 @@ def eval_(
     from qlora_ray.adapters import eval_data, evaluate_adapter
 
     _quiet_libraries()
+    _say_base(target, trust_remote_code)
     result = evaluate_adapter(target, lambda spec: eval_data(spec, data_file, fmt, max_examples, max_seq_len),
-                              batch_size, status=err_console.status)
+                              batch_size, status=err_console.status, trust_remote_code=trust_remote_code)
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(result)))
         return
@@ -167,6 +211,9 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (greedy)."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Talk to a tuned model: a REPL (/reset clears the history, /quit or Ctrl-D leaves), or --prompt once.
 
@@ -177,12 +224,12 @@ def chat(
     import contextlib
 
     from qlora_ray.evaluate import chat_reply
-    from qlora_ray.model import find_adapter, load_adapter
+    from qlora_ray.model import load_adapter
 
     _quiet_libraries()
-    adapter_dir = find_adapter(target)
+    adapter_dir = _say_base(target, trust_remote_code)
     with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, dtype, _ = load_adapter(adapter_dir)
+        model, tokenizer, dtype, _ = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages: list) -> str:
@@ -226,6 +273,9 @@ def merge(
     data_file: Optional[str] = typer.Option(None, "--data", help="Data for the drift check "
                                             "(default: the adapter's eval set)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Check on at most this many examples."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Merge an adapter into its 16-bit base model and save it, if its perplexity holds.
 
@@ -239,7 +289,9 @@ def merge(
     from qlora_ray.adapters import MergeOptions, merge_adapter
 
     _quiet_libraries()
-    options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples)
+    _say_base(target, trust_remote_code)
+    options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples,
+                           trust_remote_code=trust_remote_code)
     merge_adapter(target, out, options, status=err_console.status,
                   say=lambda text: console.print(text, highlight=False))
     console.print(f"[green]merged[/]: {out}", highlight=False)

@@ -27,6 +27,7 @@ class Cluster:
     dashboard_url: Optional[str]
     log_dir: Optional[str]
     nodes: List[Dict[str, Any]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # warnings for the user (a Ray others can reach)
 
     @property
     def resources(self) -> Dict[str, float]:

@@ -14,6 +14,7 @@ from qlora_ray.cluster import LOOPBACK, is_loopback, loopback_node_ip, prepare_a
 from qlora_ray.errors import UserError
 from qlora_ray.runtime import ray_compat
 from qlora_ray.runtime.capacity import Cluster
+from qlora_ray.runtime.exposure import exposure_notes
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ def connect(options: ConnectOptions = ConnectOptions()) -> Iterator[Cluster]:
         session = ctx.address_info.get("session_dir")
     try:
         nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-        yield Cluster(address=address or "local", embedded=not address and owned,
-                      dashboard_url=f"http://{url}" if url and "://" not in url else url,
-                      log_dir=f"{session}/logs" if session else None, nodes=nodes)
+        dashboard_url = f"http://{url}" if url and "://" not in url else url
+        yield Cluster(address=address or "local", embedded=not address and owned, dashboard_url=dashboard_url,
+                      log_dir=f"{session}/logs" if session else None, nodes=nodes,
+                      notes=exposure_notes(address, options.dashboard_host, dashboard_url) if owned else [])
     finally:
         if owned:
             ray.shutdown()

@@ -159,14 +159,20 @@ def mark_failed(storage: Storage, trial_id: str, reason: str) -> TrialStatus:
     return status
 
 
-def mark_stopped(storage: Storage, trial_ids: List[str], interrupted: bool) -> None:
+def mark_stopped(storage: Storage, trial_ids: List[str], interrupted: bool,
+                 failed_since: Optional[str] = None) -> None:
     """A trial still marked running after the grid ended (Ctrl-C, a dead driver) is stopped;
-    the next submit resumes it from its checkpoint."""
+    the next submit resumes it from its checkpoint. ``interrupted`` (Ctrl-C): so is a trial
+    stamped failed at or after ``failed_since`` (the moment of the interrupt)."""
     for trial_id in trial_ids:
         status = trial_status(storage, trial_id)
-        if status is not None and status.status == TrialState.RUNNING:
+        if status is None:
+            continue
+        cut_off = (interrupted and failed_since is not None and status.status == TrialState.FAILED
+                   and (status.ended_at or "") >= failed_since)
+        if status.status == TrialState.RUNNING or cut_off:
             status.status, status.ended_at = TrialState.STOPPED, now()
-            status.reason = "interrupted" if interrupted else "ended without a result"
+            status.reason = "interrupted (Ctrl-C)" if interrupted else "ended without a result"
             _write(storage, status)
 
 

@@ -10,7 +10,7 @@ from ray import tune
 
 from qlora_ray import layout
 from qlora_ray.plan import Trial
-from qlora_ray.records import TrialStatus
+from qlora_ray.records import TrialStatus, now
 from qlora_ray.runtime import experiment, ray_compat
 from qlora_ray.runtime.capacity import Cluster, concurrency, trial_resources
 from qlora_ray.runtime.progress import Progress
@@ -46,15 +46,22 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress],
-            # Runner train: Ray Train restarts a dead worker; a Tune retry would start it twice over.
-            failure_config=tune.FailureConfig(
-                max_failures=spec.resources.max_failures if spec.resources.runner == "tune" else 0),
+            # Runner train: Ray Train restarts a dead worker, and the trial function ends normally
+            # whatever the worker did, so a Tune retry happens only when the trial's driver itself
+            # died (killed, its node lost): it resumes from the trial's checkpoint like a worker.
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
-    interrupted = True
-    try:
-        with ray_compat.quiet_trial_loggers(), ray_compat.env_defaults(ray_compat.REPORTER_ENV), progress:
-            tuner.fit()
-        interrupted = False
-    finally:
-        experiment.mark_stopped(storage, [t.id for t in todo], interrupted)
+    interrupted, since = True, None
+    with ray_compat.watch_stop_signal() as stop:
+        try:
+            with ray_compat.quiet_trial_loggers(), ray_compat.env_defaults(ray_compat.REPORTER_ENV), progress:
+                tuner.fit()
+            interrupted, since = stop.seen, stop.at
+        except BaseException:  # a second Ctrl-C (KeyboardInterrupt), or Tune itself failing
+            since = stop.at or now()
+            raise
+        finally:
+            # A trial cut off by Ctrl-C may have stamped itself failed (its TorchTrainer torn down
+            # under it): interrupted, it is stopped, and the next submit resumes it.
+            experiment.mark_stopped(storage, [t.id for t in todo], interrupted, failed_since=since)

@@ -23,6 +23,7 @@ from qlora_ray.plan import expand
 from qlora_ray.records import JobRecord, now
 from qlora_ray.runtime import ray_compat
 from qlora_ray.runtime.connect import first_line
+from qlora_ray.runtime.upload import upload_notes
 from qlora_ray.spec import JobSpec, load_spec, project_root, to_yaml
 from qlora_ray.storage import Storage, is_uri
 
@@ -99,6 +100,9 @@ def submit_detached(spec_path: Path, overrides: List[str], console, address: Opt
         python = shlex.quote(os.environ.get(JOB_PYTHON_ENV, "python"))
         job_spec, args, shipped = _ship(spec, spec_path, overrides)
         runtime_env.update(shipped)
+        if "excludes" in shipped:
+            for note in upload_notes(Path(shipped["working_dir"]), shipped["excludes"]):
+                console.print(note, highlight=False, markup=False, soft_wrap=True)
     if fresh:
         if local_cluster or not storage.is_local_path:
             moved = storage.move_aside()  # here, so job.json below lands in the new folder

@@ -8,7 +8,9 @@
   ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` and ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` (Train V2);
 - the ``node:__internal_head__`` resource (the head node; named in ``qlora_ray.cluster``);
 - Tune's ``Trial.error_file`` / ``Trial.get_error()``;
-- ``RayTaskError.cause``.
+- ``RayTaskError.cause``;
+- Tune's warning "Stop signal received" (``ray.tune.tune``), the one sign of a Ctrl-C that Tune
+  handled itself (its handler replaces ours and ``Tuner.fit`` returns normally).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 RAY_VERSION = "2.60"
 
@@ -103,3 +105,37 @@ def task_error_cause(error: BaseException) -> BaseException:
     """The user's exception inside a Ray task error (the error itself when it carries none)."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, BaseException) else error
+
+
+_TUNE_RUN_LOGGER = "ray.tune.tune"
+_STOP_SIGNAL_TEXT = "Stop signal received"
+
+
+class _StopSignalSeen(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+        self.at: Optional[str] = None  # when (records.now() format)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_STOP_SIGNAL_TEXT) and not self.seen:
+            from qlora_ray.records import now
+
+            self.seen, self.at = True, now()
+        return False  # quiet, as quiet_trial_loggers keeps the rest of Tune
+
+
+@contextlib.contextmanager
+def watch_stop_signal() -> Iterator[_StopSignalSeen]:
+    """For the block: ``.seen`` turns True when Tune takes a Ctrl-C (SIGINT) to end the run."""
+    logger = logging.getLogger(_TUNE_RUN_LOGGER)
+    seen = _StopSignalSeen()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the warning must reach the filter under quiet_trial_loggers
+    logger.addFilter(seen)
+    try:
+        yield seen
+    finally:
+        logger.removeFilter(seen)
+        logger.setLevel(level)
+

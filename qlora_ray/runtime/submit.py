@@ -8,11 +8,13 @@ Ray Train restores each from its last reported checkpoint. ``--fresh`` moves the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List
 
 from qlora_ray import results
+from qlora_ray.lock import experiment_lock
 from qlora_ray.plan import expand
 from qlora_ray.runtime import experiment, faults
 from qlora_ray.runtime.baseline import finish_baseline, start_baseline
@@ -49,7 +51,15 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
     def say(text: str) -> None:
         console.print(text, highlight=False, markup=False, soft_wrap=True)
 
-    storage = experiment.open_experiment(spec, fresh, say)
+    with contextlib.ExitStack() as held:
+        if Storage(spec.experiment_dir).is_local_path:
+            held.enter_context(experiment_lock(spec.experiment_dir, f"qlora-ray submit {spec_path}"))
+        storage = experiment.open_experiment(spec, fresh, say)
+        _run(spec, spec_path, trials, storage, options, console, say)
+    return SubmitOutcome(board=write_results(storage.root), exp=storage.root, planned=[t.id for t in trials])
+
+
+def _run(spec, spec_path: Path, trials, storage: Storage, options: ConnectOptions, console, say) -> None:
     say(f"experiment: {storage.root} ({len(trials)} trial(s))")
     todo = [t for t in trials if not experiment.is_finished(storage, t.id)]
     if not todo:
@@ -66,10 +76,11 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
                           faults=faults.installed())
             run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo))
             finish_baseline(ref, storage, say)
-    return SubmitOutcome(board=write_results(storage.root), exp=storage.root, planned=[t.id for t in trials])
 
 
 def _say_where(cluster, storage: Storage, say: Callable[[str], None]) -> None:
+    for note in cluster.notes:
+        say(note)
     if cluster.dashboard_url:
         say(f"Ray dashboard: {cluster.dashboard_url}  (token: `ray get-auth-token`)")
     if cluster.log_dir:

@@ -16,6 +16,7 @@ import functools
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from qlora_ray import layout
-from qlora_ray.errors import UserError
+from qlora_ray.errors import UserError, disk_full_errno
 from qlora_ray.plan import Trial
 from qlora_ray.records import Baseline, Timing, TrialEvent, TrialResult, now, to_line
 from qlora_ray.runtime import experiment
@@ -102,6 +103,7 @@ class _Reporter:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.session.report(metrics, checkpoint=checkpoint)
         self.sync(full=False)
+        self.config.faults.after_report(metrics.get("step"), self.trial_dir)
 
     def sync(self, full: bool) -> None:
         """For a URI: the trial's files (``full``) or just its growing logs, to storage."""
@@ -137,6 +139,11 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
     checkpoint = session.get_checkpoint()
     outcome = TrialResult()
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_from:
+        if resume_from is None:
+            # Ray has none (runner tune after a re-submit; Ray's own state moved or lost): the
+            # trial folder's newest sound checkpoint, as `qlora-ray train` resumes.
+            local = train.latest_checkpoint(trial_dir)
+            resume_from = str(local) if local is not None else None
         _log_start(trial_dir, resume_from)
         baseline = Baseline.from_json(config.baseline) if config.baseline else None
         fit_started = time.time()
@@ -151,10 +158,17 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
             # of raising (which would make Ray Train restart the worker max_failures times).
             outcome.error = f"{type(e).__name__}: {e}"
     outcome.timing = Timing(worker_entered=entered, fit_started=fit_started, fit_ended=time.time())
-    reporter.sync(full=True)
-    # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
-    # outcome itself, so it travels through storage (the final figures are stored only here).
-    storage.write_record(layout.trial_file(trial.id, layout.RESULT_FILE), outcome)
+    try:
+        reporter.sync(full=True)
+        # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
+        # outcome itself, so it travels through storage (the final figures are stored only here).
+        storage.write_record(layout.trial_file(trial.id, layout.RESULT_FILE), outcome)
+    except OSError as e:
+        if disk_full_errno(e) is None:
+            raise
+        # A retry would meet the same full disk: end here; the trial function finds no outcome
+        # and says why (``_missing_outcome``).
+        print(f"qlora-ray: cannot record the outcome of {trial.id}: {e}", file=sys.stderr, flush=True)
 
 
 def _torch_trainer(config: TrialConfig, storage: Storage):
@@ -177,7 +191,10 @@ def _torch_trainer(config: TrialConfig, storage: Storage):
             accelerator_type=res.accelerator_type),
         run_config=ray.train.RunConfig(
             name=trial.id, storage_path=storage.uri(layout.RAY_TRAIN_DIR),
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            # controller_failure_limit: Train retries a worker group that cannot start (its resources
+            # never come) without end by default; a finite budget ends the trial with that reason.
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures,
+                                                   controller_failure_limit=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()]),
     )
@@ -185,13 +202,33 @@ def _torch_trainer(config: TrialConfig, storage: Storage):
 
 # ---------------------------------------------------------------- the Tune trial function
 
+def trial_resources_text(res) -> str:
+    """What one trial's worker asks for, as a user reads it."""
+    parts = [f"{res.cpus_per_trial:g} CPU"]
+    if res.gpus_per_trial:
+        parts.append(f"{res.gpus_per_trial:g} GPU" + (f" {res.accelerator_type}" if res.accelerator_type else ""))
+    return ", ".join(parts)
+
+
+def _missing_outcome(storage: Storage, trial: Trial) -> str:
+    """Why a trial ended without ``result.json``: a full disk where it writes, when that is so."""
+    why = "training ended without a final report"
+    if storage.is_local_path:
+        folder = Path(storage.path(trial.id))
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return (f"DiskFullError: {why}: no space left on device under {folder}: free space there or "
+                        "point output.dir elsewhere")
+    return why
+
+
 def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
     """One Tune trial: fit it (in its TorchTrainer, or right here with runner tune); its status
     stamped through ``experiment``; its end reported to Tune for the progress display."""
     config = sweep.config(params["trial_id"])
     trial, storage = config.trial, Storage(sweep.exp)
     run = experiment.mark_running(storage, trial)
-    config.faults.at_trial_start(trial.id)
+    config.faults.at_trial_start(trial.id, Path(storage.path(trial.id)) if storage.is_local_path else None)
     result: Optional[TrialResult] = None
     try:
         if trial.spec.resources.runner == "tune":
@@ -199,12 +236,14 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
         else:
             _torch_trainer(config, storage).fit()
         result = storage.read_record(TrialResult, layout.trial_file(trial.id, layout.RESULT_FILE))
-        error = None if result and result.final else (result and result.error) or \
-            "training ended without a final report"
+        error = None if result and result.final else (result and result.error) or _missing_outcome(storage, trial)
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
         if trial.spec.resources.runner == "tune":
             raise  # Tune restarts the trial from its last checkpoint (resources.max_failures times)
         error = experiment.reason(e)
+        if "startup timed out" in str(e):
+            error = (f"could not get its resources ({trial_resources_text(trial.spec.resources)}) after "
+                     f"{trial.spec.resources.max_failures + 1} tries: {error}")
     status = experiment.mark_ended(storage, run, result, error)
     final = result.final if result else None
     tune.report({"trial_state": status.status.value, "reason": error or "",

@@ -52,8 +52,9 @@ class TrainState:
 
 
 
-def save_checkpoint(trial_dir: Path, state: TrainState, parts: TrainParts) -> Path:
+def save_checkpoint(trial_dir: Path, state: TrainState, parts: TrainParts, spec_yaml: Optional[str] = None) -> Path:
     """Write ``checkpoints/step_<N>/`` atomically (temp folder, manifest, rename); keep the newest two.
+    ``spec_yaml`` (the resolved spec) is stored with it: a resume checks it against its own.
 
     Every file is serialized in memory and written with plain Python I/O, so a full disk is an
     ``OSError`` with its errno (torch's own writer reports it as ``unexpected pos``). A full
@@ -89,6 +90,8 @@ def save_checkpoint(trial_dir: Path, state: TrainState, parts: TrainParts) -> Pa
                 write_torch(parts.scaler.state_dict(), tmp / layout.SCALER_FILE)
             write_torch(_rng_state(), tmp / layout.RNG_FILE)
             write(tmp / layout.STATE_FILE, json.dumps(asdict(state), indent=1).encode("utf-8"))
+            if spec_yaml is not None:
+                write(tmp / layout.CHECKPOINT_SPEC_FILE, spec_yaml.encode("utf-8"))
             files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
             write(tmp / layout.MANIFEST_FILE, json.dumps({"step": state.step, "files": files}, indent=1).encode("utf-8"))
     except BaseException as e:

@@ -21,11 +21,12 @@ from typing import Callable, Dict, Optional
 import torch
 
 from qlora_ray import data, layout
-from qlora_ray.errors import UserError
+from qlora_ray.errors import UserError, disk_full_as
 from qlora_ray.evaluate import measure, write_samples
 from qlora_ray.files import write_text
 from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load_base, save_adapter
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
+from qlora_ray.resume import check_resume
 from qlora_ray.spec import JobSpec, to_yaml
 from qlora_ray.train import checkpoint as ckpt
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory, sync
@@ -84,7 +85,12 @@ class Trainer:
         spec, t = self.spec, self.spec.train
         reset_peak_memory()
         self.trial_dir.mkdir(parents=True, exist_ok=True)
-        (self.trial_dir / layout.RESOLVED_SPEC_FILE).write_text(to_yaml(spec), encoding="utf-8")
+        checkpoint = ckpt.find_checkpoint(self.run.resume_from, self.trial_dir)
+        if checkpoint is not None:
+            # Before anything is written: a refused resume leaves the trial folder as it was.
+            check_resume(checkpoint, spec, layout.CHECKPOINT_SPEC_FILE, self.trial_dir / layout.RESOLVED_SPEC_FILE)
+        self.spec_yaml = to_yaml(spec)
+        write_text(self.trial_dir / layout.RESOLVED_SPEC_FILE, self.spec_yaml)
         ckpt.seed_everything(t.seed)
         self.say(f"loading {spec.model.name} ({spec.quantization.mode}) and the data ...")
         base, self.tokenizer, dtype, _ = load_base(spec)
@@ -95,7 +101,6 @@ class Trainer:
         if self.device.type == "cuda" and self.run.gpu_memory_fraction:
             torch.cuda.set_per_process_memory_fraction(self.run.gpu_memory_fraction, self.device)
         self.model, self.dtype = model, dtype
-        checkpoint = ckpt.find_checkpoint(self.run.resume_from, self.trial_dir)
         if self.baseline is None and self.run.base_figures is None:
             self.say(f"measuring the base model on {len(self.prepared.eval)} eval examples ...")
             self.baseline = self._measure_base(reuse=checkpoint is not None)
@@ -169,9 +174,10 @@ class Trainer:
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
-            ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts))
+            ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts, self.spec_yaml))
         self.bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
-        with open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
+        with disk_full_as(f"the step-{row.step} row of {layout.METRICS_FILE}", self.trial_dir), \
+                open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(to_line(row))
         self.report(row.fields(), ckpt_dir)
 
@@ -191,7 +197,8 @@ class Trainer:
     def finish(self) -> FitResult:
         """Save the adapter, measure base (if not yet) and tuned model, write ``result.json``."""
         model, spec, state = self.parts.model, self.spec, self.state
-        adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
+        with disk_full_as("the final adapter", self.trial_dir / layout.ADAPTER_DIR):
+            adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
         baseline = self.baseline
         if baseline is None:
             baseline = self.run.base_figures() if self.run.base_figures else None
@@ -202,8 +209,9 @@ class Trainer:
         tuned = measure(model, self.tokenizer, self.prepared, spec, self.parts.compute_dtype)
         samples = None
         if tuned.prompts:
-            samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
-                                        tuned.replies))
+            with disk_full_as(layout.SAMPLES_FILE, self.trial_dir):
+                samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
+                                            tuned.replies))
         base_ppl, eval_ppl = baseline.perplexity, tuned.perplexity
         result = FitResult(
             step=state.step, total_steps=self.total, train_loss=state.last_loss, eval_ppl=eval_ppl,
@@ -212,7 +220,8 @@ class Trainer:
             peak_mem_gb=peak_memory_gb(self.device), wall_s=self._wall(), train_s=state.train_s,
             adapter_dir=str(adapter_dir), samples_file=samples,
             gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch())
-        write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
+        with disk_full_as(layout.RESULT_FILE, self.trial_dir):
+            write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
         return result
 
 
