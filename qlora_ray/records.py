@@ -146,6 +146,7 @@ class StepMetrics(Record):
     peak_mem_gb: Optional[float] = None
     train_s: Optional[float] = None
     tokens: Optional[int] = None
+    eval_ppl: Optional[float] = None  # periodic eval perplexity (eval.every_steps), on eval steps only
 
 
 @dataclass

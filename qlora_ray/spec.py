@@ -195,8 +195,20 @@ class EvalSpec:
     max_prompts: Optional[int] = _f(None, "Use at most this many prompts.")
     max_new_tokens: int = _f(96, "Tokens generated per sample reply (greedy).")
     batch_size: int = _f(8, "Rows per evaluation batch.")
+    every_steps: Optional[int] = _f(None, "Measure eval perplexity every N optimizer steps (and at the last step) "
+                                          "while training: written to metrics.jsonl, reported to Ray Tune as "
+                                          "the trial's metric (what search.scheduler acts on). An eval step "
+                                          "also writes a checkpoint.")
+    periodic_max_examples: Optional[int] = _f(None, "Periodic evals use only the first N eval examples "
+                                                    "(the final eval always uses all of them).")
 
     def problems(self) -> Iterator[Problem]:
+        for key in ("every_steps", "periodic_max_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                yield key, f"must be >= 1 when set, got {value}"
+        if self.every_steps is not None and not self.perplexity:
+            yield "every_steps", "needs eval.perplexity: true (periodic evals measure perplexity)"
         if self.max_new_tokens < 1:
             yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
         if self.batch_size < 1:

@@ -30,6 +30,7 @@ from qlora_ray.spec import JobSpec, to_yaml
 from qlora_ray.train import checkpoint as ckpt
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory, sync
 from qlora_ray.train.optim import build_parts
+from qlora_ray.train.periodic import PeriodicEval
 from qlora_ray.train.step import step_with_fallback
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Trainer:
                                     / t.grad_accum)
         self.total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self.parts = build_parts(model, t, self.total, dtype)
+        self.periodic = PeriodicEval(spec.eval, self.prepared, self.total)
         if checkpoint is not None:
             self.state = ckpt.restore(checkpoint, self.parts)
             log.info("resumed from %s (step %d)", checkpoint, self.state.step)
@@ -157,15 +159,20 @@ class Trainer:
         if state.batch >= self.epoch_len:
             state.epoch, state.batch = state.epoch + 1, 0
         self.bar.update(1)
-        save = state.step % t.checkpoint_every == 0 or state.step == self.total
+        evaluate = self.periodic.due(state.step)
+        # An eval step checkpoints too: a trial a scheduler stops there keeps a checkpoint that
+        # matches its last eval figure.
+        save = state.step % t.checkpoint_every == 0 or state.step == self.total or evaluate
         if save or state.step % t.log_every == 0:
-            self._log(lr, save)
+            self._log(lr, save, evaluate)
 
-    def _log(self, lr: float, save: bool) -> None:
+    def _log(self, lr: float, save: bool, evaluate: bool = False) -> None:
         # The row (which resets the running window) comes before the checkpoint, so a resumed
         # run continues with exactly the window an uninterrupted one has.
         row = self._row(lr)
         self.state.last_loss = row.loss
+        if evaluate:
+            row.eval_ppl = self.periodic.measure(self.parts.model, self.parts.compute_dtype)
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
