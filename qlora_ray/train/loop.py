@@ -173,6 +173,7 @@ class Trainer:
         self.state.last_loss = row.loss
         if evaluate:
             row.eval_ppl = self.periodic.measure(self.parts.model, self.parts.compute_dtype)
+            self._keep_adapter(row)
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
@@ -191,6 +192,17 @@ class Trainer:
         state.window = {"loss": 0.0, "targets": 0, "tokens": 0, "s": 0.0}
         return row
 
+    def _keep_adapter(self, row: StepMetrics) -> None:
+        """adapter/ after a periodic eval: this step's (keep last) or, on a new lowest eval
+        perplexity, this step's (keep best). Saved now, not only at the end: a scheduler may stop
+        the trial before it finishes."""
+        state = self.state
+        better = row.eval_ppl is not None and (state.best_eval_ppl is None or row.eval_ppl < state.best_eval_ppl)
+        if better:
+            state.best_eval_ppl, state.best_step = row.eval_ppl, row.step
+        if better or self.spec.eval.keep == "last":
+            save_adapter(self.parts.model, self.tokenizer, self.spec, self.trial_dir / layout.ADAPTER_DIR)
+
     def _epoch(self) -> float:
         return round(self.state.epoch + self.state.batch / max(1, self.epoch_len), 4)
 
@@ -198,7 +210,12 @@ class Trainer:
     def finish(self) -> FitResult:
         """Save the adapter, measure base (if not yet) and tuned model, write ``result.json``."""
         model, spec, state = self.parts.model, self.spec, self.state
-        adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
+        best = spec.eval.keep == "best" and state.best_step is not None
+        if best:
+            # The final figures and samples are the kept adapter's: its weights back into the model.
+            adapter_dir = ckpt.load_adapter_weights(model, self.trial_dir / layout.ADAPTER_DIR)
+        else:
+            adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
         baseline = self.baseline
         if baseline is None:
             baseline = self.run.base_figures() if self.run.base_figures else None
@@ -218,7 +235,8 @@ class Trainer:
             eval_tokens=tuned.target_tokens, tokens_per_s=state.tokens / state.train_s if state.train_s else 0.0,
             peak_mem_gb=peak_memory_gb(self.device), wall_s=self._wall(), train_s=state.train_s,
             adapter_dir=str(adapter_dir), samples_file=samples,
-            gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch())
+            gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch(),
+            best_step=state.best_step if best else None)
         write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
         return result
 
