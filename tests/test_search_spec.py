@@ -108,3 +108,19 @@ def test_scheduler_from_the_spec(tmp_path):
     median = build_scheduler(load_spec(path, ["search.scheduler=median", "search.grace_period=10"]), str(tmp_path))
     assert isinstance(median, MedianStoppingRule) and median._grace_period == 10
     assert build_scheduler(load_spec(_spec(tmp_path)), str(tmp_path)) is None
+
+
+def test_a_pruned_trial_stays_pruned_whatever_its_dying_driver_reports(tmp_path):
+    from qlora_ray.records import TrialResult
+    from qlora_ray.runtime import experiment
+    from qlora_ray.storage import Storage
+
+    trial = expand(load_spec(_spec(tmp_path, sweep={"lora.r": [8]})))[0]
+    storage = Storage(str(tmp_path / "exp"))
+    run = experiment.mark_running(storage, trial)
+    experiment.mark_pruned(storage, trial.id, 4, 51.5, by="asha")
+    # The stop takes the trial's TorchTrainer down; its function may still see that as an error.
+    status = experiment.mark_ended(storage, run, TrialResult(), "RayActorError: the actor died")
+    assert (status.status.value, status.pruned_step, status.pruned_eval_ppl) == ("pruned", 4, 51.5)
+    assert experiment.trial_status(storage, trial.id).reason == "stopped by asha at step 4"
+    assert experiment.is_finished(storage, trial.id)  # a re-submit leaves it

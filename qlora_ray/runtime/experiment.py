@@ -149,8 +149,14 @@ def mark_running(storage: Storage, trial: Trial) -> TrialRun:
 
 def mark_ended(storage: Storage, run: TrialRun, result: Optional[TrialResult], error: Optional[str]) -> TrialStatus:
     """Stamp a run's end: finished, or failed with ``error``; wall time summed over submits (an
-    earlier one may have been cut short) and the split of this run's time outside ``fit``."""
+    earlier one may have been cut short) and the split of this run's time outside ``fit``. A trial
+    the scheduler pruned meanwhile stays pruned."""
     ended, started, status = time.time(), run.started, run.status
+    current = trial_status(storage, status.trial_id)
+    if current is not None and current.status == TrialState.PRUNED:
+        # The scheduler stopped it: its process is going down, and whatever its trial function
+        # saw on the way (its TorchTrainer's controller gone) is not the trial's outcome.
+        return current
     status.trial_wall_s = round(ended - started + run.prior_wall_s, 2)
     timing = result.timing if result else None
     if timing is not None:
