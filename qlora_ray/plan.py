@@ -6,6 +6,10 @@ different values never print alike; a value too long for a folder name, or one t
 prints like another value of its key once made safe for a folder name, gets a short hash of
 the value after it. A plan whose ids still collide, or run past :data:`MAX_NAME_BYTES`, is a
 spec error (:func:`plan_problems`).
+
+``search.method: random`` draws ``num_samples`` configurations (``sampling``) instead of the
+product; each key's id text is chosen over all its drawn values the same way. ``search.seeds: N``
+repeats every configuration with ``train.seed`` = seed, seed+1, ... (``..._seed43``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List
 
-from qlora_ray.spec import MAX_NAME_BYTES, JobSpec, show, with_values
+from qlora_ray import sampling
+from qlora_ray.spec import MAX_NAME_BYTES, JobSpec, leaf_paths, show, with_values
+
+SEED_KEY = "train.seed"
 
 LABEL_CHARS = 40  # longest value text kept in an id before it is cut and hashed
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\\s]")
@@ -94,16 +101,54 @@ def _grid_ids(name: str, grid: Dict[str, List[Any]]) -> List[str]:
     return [f"{name}-{'_'.join(parts)}" for parts in itertools.product(*texts)]
 
 
+def _configs(spec: JobSpec) -> List[Dict[str, Any]]:
+    """The plan's swept values, one dict per trial, in :func:`expand` order (seeds repeated)."""
+    if spec.search.method == "random":
+        leaves = leaf_paths()
+        ints = {k for k in spec.sweep if leaves[k].type in (int, "int")}
+        configs = sampling.draw(spec.sweep, ints, spec.search.num_samples, spec.search.seed)
+    else:
+        grid = _typed_grid(spec)
+        configs = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
+    if spec.search.seeds > 1:
+        first = spec.train.seed
+        configs = [{**c, SEED_KEY: first + k} for c in configs for k in range(spec.search.seeds)]
+    return configs
+
+
+def _ids(name: str, configs: List[Dict[str, Any]]) -> List[str]:
+    """Ids for arbitrary configurations: each key's value texts chosen over all its values."""
+    keys = list(configs[0])
+    labels = _labels(keys)
+    texts = {}
+    for k in keys:
+        values = [c[k] for c in configs]
+        distinct = list({repr(v): v for v in values}.values())
+        texts[k] = dict(zip((repr(v) for v in distinct), _value_texts(distinct)))
+    return [f"{name}-{'_'.join(labels[k] + texts[k][repr(c[k])] for k in keys)}" for c in configs]
+
+
+def _plain_grid(spec: JobSpec) -> bool:
+    return spec.search.method == "grid" and spec.search.seeds == 1
+
+
 def trial_ids(spec: JobSpec) -> List[str]:
     """The ids of the plan's trials, in :func:`expand` order, without building the trials."""
-    if not spec.sweep:
+    if not spec.sweep and spec.search.seeds == 1:
         return [spec.name]
-    return _grid_ids(spec.name, _typed_grid(spec))
+    if _plain_grid(spec):
+        return _grid_ids(spec.name, _typed_grid(spec))
+    return _ids(spec.name, _configs(spec))
 
 
 def plan_problems(spec: JobSpec) -> Iterator[tuple]:
-    """(key path, message) for ids that collide or are too long to name a folder."""
-    ids = trial_ids(spec)
+    """(key path, message) for ids that collide or are too long to name a folder, or a random
+    search space too small for its num_samples."""
+    try:
+        ids = trial_ids(spec)
+    except sampling.SpaceTooSmall as e:
+        yield "search.num_samples", str(e)
+        return
     first: Dict[str, int] = {}
     for i, trial_id in enumerate(ids):
         if trial_id in first:
@@ -113,19 +158,23 @@ def plan_problems(spec: JobSpec) -> Iterator[tuple]:
         first[trial_id] = i
     longest = max(ids, key=lambda t: len(t.encode("utf-8")))
     size = len(longest.encode("utf-8"))
-    if size > MAX_NAME_BYTES and spec.sweep:
+    if size > MAX_NAME_BYTES and ids != [spec.name]:
         yield "name", (f"with the sweep suffix, trial id '{show(longest)}' is {size} bytes; at most "
                        f"{MAX_NAME_BYTES} (it names a folder): shorten name or the swept values")
 
 
 def expand(spec: JobSpec) -> List[Trial]:
-    """The grid of ``spec.sweep`` (product of all lists, keys in spec order); one trial if none.
+    """The grid of ``spec.sweep`` (product of all lists, keys in spec order), or random's draws,
+    each repeated over ``search.seeds``; one trial if none.
 
     Trial ids derive from the spec name and the swept values only, so re-running the same spec
     finds the same trials (and resumes them).
     """
-    if not spec.sweep:
+    if not spec.sweep and spec.search.seeds == 1:
         return [Trial(id=spec.name, values={}, spec=with_values(spec, {}))]
+    if not _plain_grid(spec):
+        configs = _configs(spec)
+        return [Trial(id=i, values=c, spec=with_values(spec, c)) for i, c in zip(_ids(spec.name, configs), configs)]
     grid = _typed_grid(spec)
     keys = list(grid)
     ids = _grid_ids(spec.name, grid)

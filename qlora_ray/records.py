@@ -45,10 +45,16 @@ class TrialState(str, enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     STOPPED = "stopped"
+    PRUNED = "pruned"    # stopped early by the sweep's scheduler (search.scheduler); a re-submit leaves it
 
     @property
     def ended(self) -> bool:
-        return self in (TrialState.FINISHED, TrialState.FAILED)
+        return self in (TrialState.FINISHED, TrialState.FAILED, TrialState.PRUNED)
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to run: a re-submit skips it (``--fresh`` starts it over)."""
+        return self in (TrialState.FINISHED, TrialState.PRUNED)
 
     def __str__(self) -> str:
         return self.value
@@ -146,6 +152,7 @@ class StepMetrics(Record):
     peak_mem_gb: Optional[float] = None
     train_s: Optional[float] = None
     tokens: Optional[int] = None
+    eval_ppl: Optional[float] = None  # periodic eval perplexity (eval.every_steps), on eval steps only
 
 
 @dataclass
@@ -167,6 +174,7 @@ class FinalMetrics(Record):
     samples_file: Optional[str] = None
     gradient_checkpointing: bool = False  # on at the end (``auto`` switches it on after an out-of-memory step)
     epoch: Optional[float] = None
+    best_step: Optional[int] = None  # eval.keep best: the periodic eval step whose adapter was kept
 
 
 @dataclass
@@ -224,6 +232,8 @@ class TrialStatus(Record):
     trial_wall_s: Optional[float] = None
     attempts: Optional[int] = None
     overhead: Optional[Overhead] = None
+    pruned_step: Optional[int] = None        # the step the scheduler stopped it at
+    pruned_eval_ppl: Optional[float] = None  # and its periodic eval perplexity there
 
 
 @dataclass

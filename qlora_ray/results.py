@@ -22,14 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from qlora_ray import layout, records
+from qlora_ray import layout, records, spread
 from qlora_ray.files import write_text
 from qlora_ray.records import TrialState
 
 # Trial states (``records.TrialState`` values), for readers comparing with a row's ``status``.
-PENDING, RUNNING, FINISHED, FAILED, STOPPED = (s.value for s in TrialState)
+PENDING, RUNNING, FINISHED, FAILED, STOPPED = (s.value for s in TrialState if s != TrialState.PRUNED)
+PRUNED = TrialState.PRUNED.value
 # The leaderboard's order after the ranking.
-_STATE_ORDER = {FINISHED: 0, RUNNING: 1, STOPPED: 2, PENDING: 3, FAILED: 4}
+_STATE_ORDER = {FINISHED: 0, RUNNING: 1, PRUNED: 2, STOPPED: 3, PENDING: 4, FAILED: 5}
 
 
 @dataclass
@@ -55,6 +56,19 @@ class TrialRow:
     overhead_parts: Optional[Dict[str, float]] = None
     dir: Optional[str] = None
     losses: List[tuple] = field(default_factory=list, repr=False)
+    # (step, periodic eval perplexity) of every eval step so far (eval.every_steps).
+    evals: List[tuple] = field(default_factory=list, repr=False)
+    pruned_step: Optional[int] = None  # where the sweep's scheduler stopped it
+    best_step: Optional[int] = None    # eval.keep best: the step whose adapter the trial kept
+
+    @property
+    def state_text(self) -> str:
+        """The status cell: ``pruned @ step k`` for a trial the scheduler stopped."""
+        if self.status == PRUNED and self.pruned_step is not None:
+            return f"pruned @ step {self.pruned_step}"
+        if self.status == FINISHED and self.best_step is not None:
+            return f"finished, best @ step {self.best_step}"
+        return self.status
 
     @property
     def overhead_s(self) -> Optional[float]:
@@ -109,7 +123,9 @@ def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRo
     else:
         state = TrialState.FINISHED if final else TrialState.RUNNING if steps else TrialState.PENDING
     latest = final or last
-    return TrialRow(
+    evals = [(m.step, m.eval_ppl) for m in steps if _num(m.eval_ppl)]
+    pruned = status is not None and state == TrialState.PRUNED
+    row = TrialRow(
         trial_id=(status.trial_id if status else None) or folder.name,
         values=(status.values if status else None) or values or {},
         status=state.value,
@@ -128,7 +144,16 @@ def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRo
         attempts=status.attempts if status else None,
         dir=str(folder),
         losses=[(m.step, m.loss) for m in steps if _num(m.loss)],
+        evals=evals,
+        best_step=final.best_step if final else None,
     )
+    if pruned:
+        # Its figure is the last periodic eval (on the periodic subset, if one is set).
+        row.pruned_step = status.pruned_step
+        row.step = status.pruned_step if status.pruned_step is not None else row.step
+        row.eval_ppl = status.pruned_eval_ppl if _num(status.pruned_eval_ppl) else (evals[-1][1] if evals else None)
+        row.reason = None
+    return row
 
 
 def _latest(final: Optional[records.FinalMetrics], last: Optional[records.StepMetrics], key: str) -> Any:
@@ -223,7 +248,7 @@ def table_rows(board: Leaderboard) -> tuple[List[str], List[List[str]]]:
                "status", "step"]
     out = []
     for i, row in enumerate(board.rows, 1):
-        status = row.status if not row.reason else f"{row.status}: {row.reason}"
+        status = row.state_text if not row.reason else f"{row.state_text}: {row.reason}"
         out.append([str(i), row.trial_id, *(_fmt_value(row.values.get(k, "")) for k in board.sweep_keys),
                     *(_fmt(getattr(row, key), spec) for key, _, spec in COLUMNS), status, progress(row)])
     return headers, out
@@ -235,6 +260,7 @@ def to_records(board: Leaderboard) -> List[Dict[str, Any]]:
     for i, row in enumerate(board.rows, 1):
         data = asdict(row)
         data.pop("losses")
+        data.pop("evals")
         data.pop("values")
         rec = {"place": i, "trial_id": row.trial_id,
                **{k: row.values.get(k) for k in board.sweep_keys}}
@@ -268,6 +294,7 @@ def to_markdown(board: Leaderboard) -> str:
     best = board.best
     if best is not None:
         lines += ["", f"Best: `{best.trial_id}` (eval ppl {best.eval_ppl:.2f}); adapter in `{layout.BEST_LINK}/{layout.ADAPTER_DIR}/`."]
+    lines += spread.to_markdown(spread.configurations(board.rows), _short)
     stopped = board.counts().get(STOPPED, 0)
     if stopped:
         lines += ["", resume_hint(board, stopped)]
@@ -293,21 +320,33 @@ def to_json(board: Leaderboard) -> Dict[str, Any]:
     best = board.best
     return {records.SCHEMA_KEY: records.SCHEMA_VERSION, "name": board.name, "sweep_keys": board.sweep_keys, "base_ppl": board.base_ppl,
             "best": best.trial_id if best else None, "counts": board.counts(),
-            "trials": to_records(board)}
+            "trials": to_records(board),
+            "configurations": [g.fields() for g in spread.configurations(board.rows)]}
 
 
 # ---------------------------------------------------------------- the plot
 
 def plot(board: Leaderboard, path: Path) -> Path:
-    """Eval perplexity over the sweep (heatmap for two swept keys, lines otherwise) and the
-    training-loss curves of every trial, side by side."""
+    """:func:`figure` saved to ``path``."""
+    figure(board).savefig(path, dpi=110)
+    return path
+
+
+def figure(board: Leaderboard):
+    """Eval perplexity over the sweep (heatmap for two swept keys, lines otherwise), the
+    training-loss curves of every trial and, when trials evaluated while training
+    (eval.every_steps), their eval-perplexity curves, side by side."""
     # The object-oriented API with the Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    curves = any(r.evals for r in board.rows)
+    fig = Figure(figsize=(18 if curves else 12, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_ppl, ax_loss = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if curves else 2)
+    ax_ppl, ax_loss = axes[0], axes[1]
+    if curves:
+        _plot_eval_curves(board, axes[2])
     _plot_ppl(board, ax_ppl)
     for row in board.rows:
         if row.losses:
@@ -321,8 +360,24 @@ def plot(board: Leaderboard, path: Path) -> Path:
     else:
         ax_loss.text(0.5, 0.5, "no loss reported yet", ha="center", va="center", transform=ax_loss.transAxes)
     fig.suptitle(f"{board.name}: eval perplexity" + (f" (base {board.base_ppl:.2f})" if board.base_ppl else ""))
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
+
+
+def _plot_eval_curves(board: Leaderboard, ax) -> None:
+    """One line per trial: its periodic eval perplexity over the steps; a pruned trial ends in an x."""
+    for row in board.rows:
+        if not row.evals:
+            continue
+        steps, ppls = zip(*row.evals)
+        pruned = row.status == PRUNED
+        ax.plot(steps, ppls, label=_label(board, row) + (" (pruned)" if pruned else ""), linewidth=1.2,
+                linestyle="--" if pruned else "-", marker="x" if pruned else None, markevery=[len(steps) - 1])
+    if board.base_ppl is not None:
+        ax.axhline(board.base_ppl, color="grey", linestyle=":", linewidth=1)
+    ax.set_title("eval perplexity while training")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval perplexity")
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def _label(board: Leaderboard, row: TrialRow) -> str:

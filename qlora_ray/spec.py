@@ -195,8 +195,26 @@ class EvalSpec:
     max_prompts: Optional[int] = _f(None, "Use at most this many prompts.")
     max_new_tokens: int = _f(96, "Tokens generated per sample reply (greedy).")
     batch_size: int = _f(8, "Rows per evaluation batch.")
+    every_steps: Optional[int] = _f(None, "Measure eval perplexity every N optimizer steps (and at the last step) "
+                                          "while training: written to metrics.jsonl, reported to Ray Tune as "
+                                          "the trial's metric (what search.scheduler acts on). An eval step "
+                                          "also writes a checkpoint.")
+    periodic_max_examples: Optional[int] = _f(None, "Periodic evals use only the first N eval examples "
+                                                    "(the final eval always uses all of them).")
+    keep: str = _f("last", "Which adapter a trial keeps in adapter/: last (the last step's) or best (the "
+                           "periodic eval step with the lowest eval perplexity; needs eval.every_steps).")
 
     def problems(self) -> Iterator[Problem]:
+        for key in ("every_steps", "periodic_max_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                yield key, f"must be >= 1 when set, got {value}"
+        if self.keep not in EVAL_KEEP:
+            yield "keep", f"'{self.keep}' is not one of {', '.join(EVAL_KEEP)}"
+        elif self.keep == "best" and self.every_steps is None:
+            yield "keep", "best picks among the periodic evals, but eval.every_steps is not set; set it or use keep: last"
+        if self.every_steps is not None and not self.perplexity:
+            yield "every_steps", "needs eval.perplexity: true (periodic evals measure perplexity)"
         if self.max_new_tokens < 1:
             yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
         if self.batch_size < 1:
@@ -206,6 +224,7 @@ class EvalSpec:
 
 
 RUNNERS = ("train", "tune")
+EVAL_KEEP = ("last", "best")
 
 
 @dataclass
@@ -239,6 +258,48 @@ class ResourcesSpec:
             yield "accelerator_type", "is set but gpus_per_trial is 0; set gpus_per_trial or drop accelerator_type"
 
 
+SEARCH_SCHEDULERS = ("none", "asha", "median")
+SEARCH_METHODS = ("grid", "random")
+# A swept key's value in ``sweep:`` for random search: ``{loguniform: [low, high]}`` and the like.
+DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+MAX_SEEDS = 1000
+
+
+@dataclass
+class SearchSpec:
+    scheduler: str = _f("none", "Stop losing trials early on their periodic eval perplexity (needs eval.every_steps): "
+                                "none, asha (Tune's asynchronous successive halving) or median (stop a trial "
+                                "worse than the median of the others at the same step). A stopped trial is "
+                                "'pruned': it keeps its last checkpoint and adapter, and a re-submit leaves it.")
+    grace_period: Optional[int] = _f(None, "Optimizer steps every trial runs before it may be stopped "
+                                           "(default: eval.every_steps).")
+    reduction_factor: float = _f(2.0, "asha: the share of trials kept at each rung is 1 / reduction_factor.")
+    method: str = _f("grid", "grid (every combination of the sweep's lists) or random (num_samples draws; a "
+                             "sweep key may then be a distribution: {loguniform: [low, high]}, {uniform: [low, "
+                             "high]} or {choice: [values]}; a list is a choice).")
+    num_samples: int = _f(10, "random: how many configurations are drawn.")
+    seed: int = _f(0, "random: seed of the draws; the same seed draws the same trials (and trial ids), so a "
+                      "re-submit resumes them, and a larger num_samples keeps the first draws.")
+    seeds: int = _f(1, "Run each configuration with this many values of train.seed (train.seed, +1, ...); the "
+                       "leaderboard shows mean and spread per configuration.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.scheduler not in SEARCH_SCHEDULERS:
+            yield "scheduler", f"'{self.scheduler}' is not one of {', '.join(SEARCH_SCHEDULERS)}"
+        if self.grace_period is not None and self.grace_period < 1:
+            yield "grace_period", f"must be >= 1 when set, got {self.grace_period}"
+        if not 1.0 < self.reduction_factor <= 100:
+            yield "reduction_factor", f"must be in (1, 100], got {self.reduction_factor}"
+        if self.method not in SEARCH_METHODS:
+            yield "method", f"'{self.method}' is not one of {', '.join(SEARCH_METHODS)}"
+        if self.num_samples < 1:
+            yield "num_samples", f"must be >= 1, got {self.num_samples}"
+        if not 0 <= self.seed <= SEED_MAX:
+            yield "seed", f"must be in [0, {SEED_MAX}], got {self.seed}"
+        if not 1 <= self.seeds <= MAX_SEEDS:
+            yield "seeds", f"must be in [1, {MAX_SEEDS}], got {self.seeds}"
+
+
 @dataclass
 class OutputSpec:
     dir: str = _f("runs", "Where experiments are written: a path (relative to the spec) or a storage URI (s3://, gs://).")
@@ -254,9 +315,11 @@ class JobSpec:
     lora: LoraSpec = _sub(LoraSpec, "The LoRA adapters.")
     train: TrainSpec = _sub(TrainSpec, "Optimization.")
     eval: EvalSpec = _sub(EvalSpec, "Evaluation.")
-    sweep: Dict[str, List[Any]] = _f({}, "Grid: dotted spec path -> list of values; trials are the product.")
+    sweep: Dict[str, Any] = _f({}, "Dotted spec path -> list of values (grid: trials are the product), or with "
+                                   "search.method random a distribution such as {loguniform: [1e-5, 1e-3]}.")
     resources: ResourcesSpec = _sub(ResourcesSpec, "What each trial needs from the cluster.")
     output: OutputSpec = _sub(OutputSpec, "Where results go.")
+    search: SearchSpec = _sub(SearchSpec, "How the sweep is searched and which trials are stopped early.")
 
     def problems(self) -> Iterator[Problem]:
         seen = set()
@@ -273,6 +336,7 @@ class JobSpec:
             prefix = _SECTION_NAMES[type(section)]
             for key, message in section.problems():
                 yield f"{prefix}.{key}", message
+        yield from _search_problems(self)
         accel = (self.resources.accelerator_type or "").upper()
         if self.quantization.compute_dtype == "bf16" and accel in NO_BF16_ACCELERATORS:
             yield "quantization.compute_dtype", f"bf16 is not supported on {accel}; use auto or fp16"
@@ -286,6 +350,21 @@ class JobSpec:
 _SECTION_NAMES = {ModelSpec: "model", DataSpec: "data", QuantizationSpec: "quantization",
                   LoraSpec: "lora", TrainSpec: "train", EvalSpec: "eval",
                   ResourcesSpec: "resources", OutputSpec: "output"}
+_SECTION_NAMES[SearchSpec] = "search"
+
+
+def _search_problems(spec: "JobSpec") -> Iterator[Problem]:
+    """The search section's own checks, then what it needs from the others."""
+    for key, message in spec.search.problems():
+        yield f"search.{key}", message
+    if spec.search.scheduler != "none" and spec.eval.every_steps is None:
+        yield "search.scheduler", (f"'{spec.search.scheduler}' stops trials on their periodic eval perplexity, "
+                                   "but eval.every_steps is not set; set it (e.g. eval.every_steps: 10) or "
+                                   "use search.scheduler: none")
+    if spec.search.method == "random" and not spec.sweep:
+        yield "search.method", "random draws from the sweep's keys, but sweep is empty; add e.g. train.lr: {loguniform: [1e-5, 1e-3]}"
+    if spec.search.seeds > 1 and "train.seed" in spec.sweep:
+        yield "search.seeds", "repeats each configuration over train.seed values, so train.seed cannot also be swept; drop one"
 
 
 def name_problems(name: str, key: str = "name") -> Iterator[Problem]:
@@ -585,20 +664,38 @@ def _check_sweep_shape(raw: Dict[str, Any], problems: List[Problem]) -> Dict[str
     if not sweep:
         return raw
     for key, values in sweep.items():
-        if not isinstance(values, list):
-            problems.append((f"sweep.{show(key, 60)}", f"must be a list of values, e.g. [{show(values)}]"))
-    lists = {k: v for k, v in sweep.items() if isinstance(v, list)}
+        if not isinstance(values, list) and not _is_distribution(values):
+            problems.append((f"sweep.{show(key, 60)}", f"must be a list of values, e.g. [{show(values)}], or "
+                                                       f"(search.method: random) one of {{{', '.join(f'{d}: [...]' for d in DISTRIBUTIONS)}}}"))
+    lists = {k: v for k, v in sweep.items() if isinstance(v, list) or _is_distribution(v)}
     # Counted before any value is looked at, so a huge grid fails at once.
-    trials = math.prod(len(v) for v in lists.values())
+    trials = _planned_count(lists, raw.get("search") if isinstance(raw.get("search"), dict) else {})
     resources = raw.get("resources") if isinstance(raw.get("resources"), dict) else {}
     limit = resources.get("max_trials")
     limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else _default("resources.max_trials")
     if trials > limit:
-        shape = " x ".join(f"{show(k, 40)} {len(v):,}" for k, v in list(lists.items())[:6])
+        shape = " x ".join(f"{show(k, 40)} {len(v):,}" for k, v in list(lists.items())[:6] if isinstance(v, list))
         problems.append(("sweep", f"plans {trials:,} trials ({shape}), over resources.max_trials ({limit:,}); sweep "
                                   "fewer values, or raise resources.max_trials in the spec if you mean it"))
         return {k: v for k, v in raw.items() if k != "sweep"}
     return {**raw, "sweep": lists}
+
+
+def _is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
+
+
+def _planned_count(sweep: Dict[str, Any], search: Dict[str, Any]) -> int:
+    """How many trials a raw sweep plans: the grid's product or random's num_samples, times seeds."""
+    def number(key: str) -> int:
+        value = search.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else _default(f"search.{key}")
+    if search.get("method") == "random":
+        configs = number("num_samples")
+    else:
+        configs = math.prod(len(v) for v in sweep.values() if isinstance(v, list))
+    return configs * number("seeds")
 
 
 def _default(key: str) -> Any:
@@ -693,7 +790,7 @@ def _chain_files(path: Path) -> List[Path]:
     return files
 
 
-SWEEPABLE_SECTIONS = tuple(n for n in _SECTION_NAMES.values() if n != "output")
+SWEEPABLE_SECTIONS = tuple(n for n in _SECTION_NAMES.values() if n not in ("output", "search"))
 VALUE_PROBLEMS_SHOWN = 5  # per sweep key; the rest are counted
 
 
@@ -707,6 +804,9 @@ def _sweep_problems(spec: JobSpec, path: Path, declared: Optional[str],
             close = difflib.get_close_matches(str(key), list(leaves), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             yield where, f"'{show(key, 60)}' is not a spec path that can be swept{hint}"
+            continue
+        if isinstance(values, dict):
+            yield from _distribution_problems(spec, key, values, path, declared, typed_sweep)
             continue
         if not values:
             yield where, "must list at least one value"
@@ -731,6 +831,37 @@ def _sweep_problems(spec: JobSpec, path: Path, declared: Optional[str],
                 break
             seen[repr(value)] = i
         typed_sweep[key] = typed
+
+
+def _distribution_problems(spec: JobSpec, key: str, dist: Dict[str, Any], path: Path, declared: Optional[str],
+                           typed_sweep: Dict[str, Any]) -> Iterator[Problem]:
+    """A random-search distribution: its kind allowed here, its bounds or choices valid values of ``key``."""
+    (kind, values), = dist.items()
+    where = f"sweep.{show(key, 60)}.{kind}"
+    if spec.search.method != "random":
+        yield where, f"a distribution needs search.method: random (a grid sweeps lists); set it or list the values"
+        return
+    bounded = kind != "choice"
+    if not isinstance(values, list) or not values or (bounded and len(values) != 2):
+        yield where, "must be [low, high]" if bounded else "must be a non-empty list of values"
+        return
+    typed = []
+    for i, value in enumerate(values):
+        problem, typed_value = _swept_value_problem(spec, key, value, path, declared)
+        if problem is None and bounded and (isinstance(typed_value, bool) or not isinstance(typed_value, (int, float))):
+            problem = f"{kind} needs numbers, got {show(value)}"
+        if problem is not None:
+            yield f"{where}[{i}]", problem
+            return
+        typed.append(typed_value)
+    if bounded and not typed[0] < typed[1]:
+        yield where, f"low must be below high, got [{show(typed[0])}, {show(typed[1])}]"
+    elif kind == "loguniform" and typed[0] <= 0:
+        yield where, f"loguniform needs low > 0, got {show(typed[0])}"
+    elif not bounded and len({repr(v) for v in typed}) < len(typed):
+        yield where, "lists a value twice"
+    else:
+        typed_sweep[key] = {kind: typed}
 
 
 def _swept_value_problem(spec: JobSpec, key: str, value: Any, path: Path,

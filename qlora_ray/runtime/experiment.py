@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -25,7 +26,7 @@ from qlora_ray.storage import Storage
 log = logging.getLogger(__name__)
 
 # Keys of the spec that may change between submissions of one experiment.
-MUTABLE_KEYS = ("sweep", "resources", "output")
+MUTABLE_KEYS = ("sweep", "resources", "output", "search")
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -76,7 +77,9 @@ def record_experiment(storage: Storage, spec: JobSpec, spec_path: Path, trials: 
     plan = storage.read_record(ExperimentPlan, layout.EXPERIMENT_FILE) or ExperimentPlan(name=spec.name, created=now())
     known = {t.id: t for t in plan.trials}
     known.update({t.id: PlannedTrial(id=t.id, values=t.values) for t in trials})
-    plan.name, plan.spec_file, plan.sweep_keys = spec.name, str(spec_path), list(spec.sweep)
+    # The trials' keys (train.seed too, with search.seeds), not only the sweep's.
+    keys = list(trials[0].values) if trials else list(spec.sweep)
+    plan.name, plan.spec_file, plan.sweep_keys = spec.name, str(spec_path), keys
     plan.trials, plan.updated, plan.submits = list(known.values()), now(), plan.submits + 1
     if cluster is not None:
         plan.address, plan.dashboard, plan.ray_logs = cluster.address, cluster.dashboard_url, cluster.log_dir
@@ -98,7 +101,26 @@ def trial_status(storage: Storage, trial_id: str) -> Optional[TrialStatus]:
 
 def is_finished(storage: Storage, trial_id: str) -> bool:
     status = trial_status(storage, trial_id)
-    return status is not None and status.status == TrialState.FINISHED
+    return status is not None and status.status.done
+
+
+def mark_pruned(storage: Storage, trial_id: str, step: Optional[int], eval_ppl: Optional[float],
+                by: str) -> Optional[TrialStatus]:
+    """Stamp a trial the sweep's scheduler stopped (its process is gone, so it never stamped its
+    end): pruned at ``step`` with its last periodic eval perplexity. One that ended on its own keeps that."""
+    status = trial_status(storage, trial_id)
+    if status is None or status.status.ended:
+        return status
+    ended = time.time()
+    status.status, status.ended_at = TrialState.PRUNED, now()
+    status.pruned_step, status.pruned_eval_ppl = step, eval_ppl
+    status.reason = f"stopped by {by} at step {step}"
+    if status.started_at:
+        started = datetime.fromisoformat(status.started_at).timestamp()
+        status.trial_wall_s = round(ended - started + (status.trial_wall_s or 0.0), 2)
+    status.attempts = count_starts(storage, trial_id)
+    _write(storage, status)
+    return status
 
 
 def _write(storage: Storage, status: TrialStatus) -> None:
@@ -127,8 +149,14 @@ def mark_running(storage: Storage, trial: Trial) -> TrialRun:
 
 def mark_ended(storage: Storage, run: TrialRun, result: Optional[TrialResult], error: Optional[str]) -> TrialStatus:
     """Stamp a run's end: finished, or failed with ``error``; wall time summed over submits (an
-    earlier one may have been cut short) and the split of this run's time outside ``fit``."""
+    earlier one may have been cut short) and the split of this run's time outside ``fit``. A trial
+    the scheduler pruned meanwhile stays pruned."""
     ended, started, status = time.time(), run.started, run.status
+    current = trial_status(storage, status.trial_id)
+    if current is not None and current.status == TrialState.PRUNED:
+        # The scheduler stopped it: its process is going down, and whatever its trial function
+        # saw on the way (its TorchTrainer's controller gone) is not the trial's outcome.
+        return current
     status.trial_wall_s = round(ended - started + run.prior_wall_s, 2)
     timing = result.timing if result else None
     if timing is not None:

@@ -14,6 +14,7 @@ from qlora_ray.records import TrialStatus, now
 from qlora_ray.runtime import experiment, ray_compat
 from qlora_ray.runtime.capacity import Cluster, concurrency, trial_resources
 from qlora_ray.runtime.progress import Progress
+from qlora_ray.runtime.pruning import build_scheduler
 from qlora_ray.runtime.trial import Sweep, run_trial
 from qlora_ray.spec import JobSpec
 from qlora_ray.storage import Storage
@@ -33,15 +34,19 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
     limit = concurrency(spec, cluster, len(todo))
     console.print(f"running {len(todo)} trial(s), {limit} at a time"
                   + (f"; {skipped} already finished (skipped)" if skipped else ""), highlight=False)
-    progress = Progress(todo, console, skipped=skipped, on_error=functools.partial(stamp_crashed, sweep.exp))
+    progress = Progress(todo, console, skipped=skipped, on_error=functools.partial(stamp_crashed, sweep.exp),
+                        on_complete=functools.partial(experiment.trial_status, Storage(sweep.exp)))
     storage = Storage(sweep.exp)
+    scheduler = build_scheduler(spec, sweep.exp)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), trial_resources(spec.resources)),
         param_space={"trial_id": tune.grid_search([t.id for t in todo])},
         tune_config=tune.TuneConfig(
             # A trial's driver process is handed to the next trial instead of a fresh one (~6 s
             # of process start and imports saved per trial after the first wave).
-            max_concurrent_trials=limit, reuse_actors=True,
+            # A stopped (pruned) trial's process must end, taking its TorchTrainer's controller
+            # and worker with it; a reused one would be kept alive for the next trial.
+            max_concurrent_trials=limit, reuse_actors=scheduler is None, scheduler=scheduler,
             trial_name_creator=lambda t: t.config["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(

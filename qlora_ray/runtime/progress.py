@@ -22,8 +22,11 @@ class Progress(tune.Callback):
     """
 
     def __init__(self, trials: List[Trial], console, skipped: int = 0, every_s: float = 30.0,
-                 on_error: Optional[Callable[[str, str], TrialStatus]] = None):
+                 on_error: Optional[Callable[[str, str], TrialStatus]] = None,
+                 on_complete: Optional[Callable[[str], Optional[TrialStatus]]] = None):
         self.trials = trials
+        # Asked, for a trial that ended without its own final report (a scheduler stopped it), for its status.
+        self.on_complete = on_complete
         # Told when Tune marks a trial ERROR (its id, Tune's error text); returns the trial's status.
         self.on_error = on_error
         self.console = console
@@ -68,7 +71,12 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid = trial.config["trial_id"]
         if self.state[tid]["state"] == "running":
-            self._update(tid, state="finished")
+            status = self.on_complete(tid) if self.on_complete else None
+            if status is not None and status.status.value == "pruned":
+                self._update(tid, state="pruned", reason=f"pruned @ step {status.pruned_step}",
+                             eval_ppl=status.pruned_eval_ppl)
+            else:
+                self._update(tid, state="finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # The trial function raised or its process died, so it never stamped its end itself.

@@ -39,7 +39,7 @@ class SubmitOutcome:
     def unfinished(self) -> List[results.TrialRow]:
         """Rows of this spec's trials that did not finish (rows an earlier, wider sweep left do not count)."""
         planned = set(self.planned)
-        return [row for row in self.board.rows if row.trial_id in planned and row.status != results.FINISHED]
+        return [row for row in self.board.rows if row.trial_id in planned and row.status not in (results.FINISHED, results.PRUNED)]
 
 
 def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptions = ConnectOptions(),

@@ -101,7 +101,9 @@ class _Reporter:
     def __call__(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
         self.config.faults.at_step(metrics.get("step"), self.trial_dir)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        self.session.report(metrics, checkpoint=checkpoint)
+        # A scheduler reads a key that is present as a number: steps without an eval leave
+        # eval_ppl out rather than sending None.
+        self.session.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
         self.sync(full=False)
         self.config.faults.after_report(metrics.get("step"), self.trial_dir)
 

@@ -49,6 +49,8 @@ class TrainState:
     wall_s: float = 0.0     # fit() wall time up to the checkpoint, earlier attempts
     window: Dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "targets": 0, "tokens": 0, "s": 0.0})
     last_loss: Optional[float] = None
+    best_eval_ppl: Optional[float] = None  # lowest periodic eval perplexity so far (eval.keep best)
+    best_step: Optional[int] = None
 
 
 
@@ -217,6 +219,16 @@ def latest_checkpoint(trial_dir) -> Optional[Path]:
     """The newest sound checkpoint of a trial folder (earlier ones tried if it is torn), or None."""
     found = checkpoints(Path(trial_dir))
     return find_checkpoint(str(found[-1]), Path(trial_dir)) if found else None
+
+
+def load_adapter_weights(model, folder: Path) -> Path:
+    """The LoRA weights of a saved adapter (or checkpoint) folder into ``model``; the folder."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(folder) / layout.ADAPTER_WEIGHTS),
+                                               device=str(device_of(model))))
+    return Path(folder)
 
 
 def restore(path: Path, parts: TrainParts) -> TrainState:

@@ -31,6 +31,7 @@ from qlora_ray.spec import JobSpec, to_yaml
 from qlora_ray.train import checkpoint as ckpt
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory, sync
 from qlora_ray.train.optim import build_parts
+from qlora_ray.train.periodic import PeriodicEval
 from qlora_ray.train.step import step_with_fallback
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Trainer:
                                     / t.grad_accum)
         self.total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self.parts = build_parts(model, t, self.total, dtype)
+        self.periodic = PeriodicEval(spec.eval, self.prepared, self.total)
         if checkpoint is not None:
             self.state = ckpt.restore(checkpoint, self.parts)
             log.info("resumed from %s (step %d)", checkpoint, self.state.step)
@@ -162,15 +164,21 @@ class Trainer:
         if state.batch >= self.epoch_len:
             state.epoch, state.batch = state.epoch + 1, 0
         self.bar.update(1)
-        save = state.step % t.checkpoint_every == 0 or state.step == self.total
+        evaluate = self.periodic.due(state.step)
+        # An eval step checkpoints too: a trial a scheduler stops there keeps a checkpoint that
+        # matches its last eval figure.
+        save = state.step % t.checkpoint_every == 0 or state.step == self.total or evaluate
         if save or state.step % t.log_every == 0:
-            self._log(lr, save)
+            self._log(lr, save, evaluate)
 
-    def _log(self, lr: float, save: bool) -> None:
+    def _log(self, lr: float, save: bool, evaluate: bool = False) -> None:
         # The row (which resets the running window) comes before the checkpoint, so a resumed
         # run continues with exactly the window an uninterrupted one has.
         row = self._row(lr)
         self.state.last_loss = row.loss
+        if evaluate:
+            row.eval_ppl = self.periodic.measure(self.parts.model, self.parts.compute_dtype)
+            self._keep_adapter(row)
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
@@ -190,6 +198,17 @@ class Trainer:
         state.window = {"loss": 0.0, "targets": 0, "tokens": 0, "s": 0.0}
         return row
 
+    def _keep_adapter(self, row: StepMetrics) -> None:
+        """adapter/ after a periodic eval: this step's (keep last) or, on a new lowest eval
+        perplexity, this step's (keep best). Saved now, not only at the end: a scheduler may stop
+        the trial before it finishes."""
+        state = self.state
+        better = row.eval_ppl is not None and (state.best_eval_ppl is None or row.eval_ppl < state.best_eval_ppl)
+        if better:
+            state.best_eval_ppl, state.best_step = row.eval_ppl, row.step
+        if better or self.spec.eval.keep == "last":
+            save_adapter(self.parts.model, self.tokenizer, self.spec, self.trial_dir / layout.ADAPTER_DIR)
+
     def _epoch(self) -> float:
         return round(self.state.epoch + self.state.batch / max(1, self.epoch_len), 4)
 
@@ -197,8 +216,13 @@ class Trainer:
     def finish(self) -> FitResult:
         """Save the adapter, measure base (if not yet) and tuned model, write ``result.json``."""
         model, spec, state = self.parts.model, self.spec, self.state
-        with disk_full_as("the final adapter", self.trial_dir / layout.ADAPTER_DIR):
-            adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
+        best = spec.eval.keep == "best" and state.best_step is not None
+        if best:
+            # The final figures and samples are the kept adapter's: its weights back into the model.
+            adapter_dir = ckpt.load_adapter_weights(model, self.trial_dir / layout.ADAPTER_DIR)
+        else:
+            with disk_full_as("the final adapter", self.trial_dir / layout.ADAPTER_DIR):
+                adapter_dir = save_adapter(model, self.tokenizer, spec, self.trial_dir / layout.ADAPTER_DIR)
         baseline = self.baseline
         if baseline is None:
             baseline = self.run.base_figures() if self.run.base_figures else None
@@ -219,7 +243,8 @@ class Trainer:
             eval_tokens=tuned.target_tokens, tokens_per_s=state.tokens / state.train_s if state.train_s else 0.0,
             peak_mem_gb=peak_memory_gb(self.device), wall_s=self._wall(), train_s=state.train_s,
             adapter_dir=str(adapter_dir), samples_file=samples,
-            gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch())
+            gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch(),
+            best_step=state.best_step if best else None)
         with disk_full_as(layout.RESULT_FILE, self.trial_dir):
             write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
         return result
