@@ -193,12 +193,33 @@ class EvalSpec:
     perplexity: bool = _f(True, "Measure base and tuned perplexity on the eval set's target tokens.")
     prompts: Optional[str] = _f(None, "Text file with one user prompt per line for side-by-side sample replies.")
     max_prompts: Optional[int] = _f(None, "Use at most this many prompts.")
-    max_new_tokens: int = _f(96, "Tokens generated per sample reply (greedy).")
+    max_new_tokens: int = _f(96, "Tokens generated per sample reply.")
     batch_size: int = _f(8, "Rows per evaluation batch.")
+    temperature: float = _f(0.0, "Sample replies' temperature: 0 decodes greedily (the same reply every run); "
+                                 "above 0 samples, seeded by eval.seed. The same for base and tuned.")
+    top_p: float = _f(1.0, "Nucleus sampling: sample from the smallest set of tokens holding this much "
+                           "probability, in (0, 1] (only when temperature > 0).")
+    repetition_penalty: float = _f(1.2, "Divide the score of tokens already in the reply (and prompt) by this, "
+                                        ">= 1 (1 is off). With no_repeat_ngram_size it keeps small models "
+                                        "from looping (\"kabir, kabir, kabir\").")
+    no_repeat_ngram_size: int = _f(3, "Never generate the same run of this many tokens twice in a reply "
+                                      "(0 is off).")
+    seed: int = _f(0, "Seed for sampled replies (temperature > 0), so base and tuned draw alike and a re-run "
+                      "gives the same replies.")
 
     def problems(self) -> Iterator[Problem]:
         if self.max_new_tokens < 1:
             yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        if not 0.0 <= self.temperature <= 100.0:
+            yield "temperature", f"must be in [0, 100], got {self.temperature}"
+        if not 0.0 < self.top_p <= 1.0:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        if not 1.0 <= self.repetition_penalty <= 10.0:
+            yield "repetition_penalty", f"must be in [1, 10] (1 is off), got {self.repetition_penalty}"
+        if self.no_repeat_ngram_size < 0:
+            yield "no_repeat_ngram_size", f"must be >= 0 (0 is off), got {self.no_repeat_ngram_size}"
+        if not 0 <= self.seed <= SEED_MAX:
+            yield "seed", f"must be in [0, {SEED_MAX}], got {self.seed}"
         if self.batch_size < 1:
             yield "batch_size", f"must be >= 1, got {self.batch_size}"
         if self.max_prompts is not None and self.max_prompts < 1:

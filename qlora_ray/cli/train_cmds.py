@@ -165,7 +165,8 @@ def chat(
     target: Path = typer.Argument(..., metavar="ADAPTER", help="An adapter, trial or experiment folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (greedy)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (decoded with "
+                                       "the eval.* settings the adapter was trained with)."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
 ) -> None:
     """Talk to a tuned model: a REPL (/reset clears the history, /quit or Ctrl-D leaves), or --prompt once.
@@ -182,12 +183,13 @@ def chat(
     _quiet_libraries()
     adapter_dir = find_adapter(target)
     with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, dtype, _ = load_adapter(adapter_dir)
+        model, tokenizer, dtype, spec = load_adapter(adapter_dir)
+    decoding = dataclasses.replace(spec.eval, max_new_tokens=max_new_tokens)
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages: list) -> str:
         with model.disable_adapter() if base else contextlib.nullcontext():
-            return chat_reply(model, tokenizer, messages, max_new_tokens, dtype)
+            return chat_reply(model, tokenizer, messages, decoding, dtype)
 
     if prompt is not None:
         console.print(answer(opening + [{"role": "user", "content": prompt}]), markup=False, highlight=False)

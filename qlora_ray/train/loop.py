@@ -23,7 +23,7 @@ import torch
 from qlora_ray import data, layout
 from qlora_ray.base_cache import base_key, cached
 from qlora_ray.errors import UserError
-from qlora_ray.evaluate import measure, write_samples
+from qlora_ray.evaluate import describe_decoding, measure, write_samples
 from qlora_ray.files import write_text
 from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load_base, save_adapter
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
@@ -209,7 +209,7 @@ class Trainer:
         samples = None
         if tuned.prompts:
             samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
-                                        tuned.replies))
+                                        tuned.replies, describe_decoding(spec.eval)))
         base_ppl, eval_ppl = baseline.perplexity, tuned.perplexity
         result = FitResult(
             step=state.step, total_steps=self.total, train_loss=state.last_loss, eval_ppl=eval_ppl,
