@@ -116,6 +116,10 @@ def cached(key: BaseKey, measure: Callable[[], Baseline]) -> Baseline:
             return hit
         figures = measure()
         store(key, figures)
+    if key.prompts and figures.perplexity is not None:
+        # The perplexity alone is what ``qlora-ray eval`` asks for (no prompts): keep it under that key too.
+        store(dataclasses.replace(key, prompts=(), decoding=""),
+              Baseline(perplexity=figures.perplexity, target_tokens=figures.target_tokens))
     return figures
 
 

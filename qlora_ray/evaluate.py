@@ -11,7 +11,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -23,9 +23,11 @@ from qlora_ray.spec import EvalSpec, JobSpec
 # ---------------------------------------------------------------- loss and perplexity
 
 @torch.no_grad()
-def perplexity(model, batches: Iterable[dict], dtype: Optional[torch.dtype] = None) -> Tuple[float, int]:
+def perplexity(model, batches: Iterable[dict], dtype: Optional[torch.dtype] = None,
+               advance: Optional[Callable[[int], None]] = None) -> Tuple[float, int]:
     """``(exp(summed loss / target tokens), target tokens)`` over ``batches`` (computed in ``dtype``,
-    the model's compute dtype; None: as the weights are); the model is left as it was."""
+    the model's compute dtype; None: as the weights are); the model is left as it was.
+    ``advance(target tokens)`` is called after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -34,6 +36,8 @@ def perplexity(model, batches: Iterable[dict], dtype: Optional[torch.dtype] = No
             loss, count = token_loss(model, batch, dtype)
             total += float(loss)
             tokens += count
+            if advance is not None:
+                advance(count)
     finally:
         model.train(was_training)
     if tokens == 0:

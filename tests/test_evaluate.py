@@ -142,7 +142,9 @@ def trial(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     return folder / "runs" / "tiny" / "tiny", result
 
 
-def test_eval_command_measures_base_and_tuned_on_the_same_tokens(trial, tiny_data_dir, tmp_path):
+def test_eval_command_measures_base_and_tuned_on_the_same_tokens(trial, tiny_data_dir, tmp_path, monkeypatch):
+    from qlora_ray import adapters
+
     folder, result = trial
     runner = CliRunner()
     # Same data as the trial's eval set: the same figures as training reported.
@@ -152,6 +154,20 @@ def test_eval_command_measures_base_and_tuned_on_the_same_tokens(trial, tiny_dat
     assert figures["tuned_ppl"] == pytest.approx(result.eval_ppl, rel=1e-5)
     assert figures["base_ppl"] == pytest.approx(result.base_ppl, rel=1e-5)
     assert figures["target_tokens"] == result.eval_tokens
+    assert figures["base_cached"] is True  # the trial measured the base on these very tokens
+    # New data: base and tuned in one pass (each batch twice), then the base comes from the cache.
+    calls = []
+    real = adapters.token_loss
+    monkeypatch.setattr(adapters, "token_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other = tmp_path / "other.jsonl"
+    other.write_text((tiny_data_dir / "train.jsonl").read_text().splitlines()[5] + "\n")
+    first = runner.invoke(app, ["eval", str(folder), "--data", str(other), "--json"])
+    first = json.loads(first.output[first.output.index("{"):])
+    assert first["base_cached"] is False and len(calls) == 2
+    again = runner.invoke(app, ["eval", str(folder), "--data", str(other), "--json"])
+    again = json.loads(again.output[again.output.index("{"):])
+    assert again["base_cached"] is True and again["base_ppl"] == first["base_ppl"] and len(calls) == 3
+    assert again["tuned_ppl"] == pytest.approx(first["tuned_ppl"], rel=1e-6)
     # Any supported format: plain text rows (all tokens are targets).
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Chai peelo yaar", "Kal milte hain bhai"]))

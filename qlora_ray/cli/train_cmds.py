@@ -131,8 +131,11 @@ def eval_(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
+
+    The base model's figures come from the cache when any run measured them on the same tokens.
 
     Examples:
       qlora-ray eval runs/hinglish_smoke/hinglish_smoke --data data/hinglish/eval.jsonl
@@ -142,19 +145,26 @@ def eval_(
 
     _quiet_libraries()
     result = evaluate_adapter(target, lambda spec: eval_data(spec, data_file, fmt, max_examples, max_seq_len),
-                              batch_size, status=err_console.status)
+                              batch_size, status=err_console.status, bar=None if quiet else _token_bar)
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(result)))
         return
     table = Table(title=f"perplexity on {data_file}")
     table.add_column("model")
     table.add_column("ppl", justify="right")
-    table.add_row(f"base ({result.base_model}, {result.quantization})", f"{result.base_ppl:.3f}")
+    cached = ", cached" if result.base_cached else ""
+    table.add_row(f"base ({result.base_model}, {result.quantization}{cached})", f"{result.base_ppl:.3f}")
     table.add_row(f"tuned ({result.adapter})", f"{result.tuned_ppl:.3f}")
     console.print(table)
     console.print(f"change {result.ppl_change:+.1%} over {result.target_tokens:,} target tokens in "
                   f"{result.examples} examples" + (f" ({result.skipped} rows skipped)" if result.skipped else ""),
                   highlight=False)
+
+
+def _token_bar(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------- chat
