@@ -158,11 +158,20 @@ class TrainSpec:
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps (and at the end).")
     log_every: int = _f(5, "Report metrics every N optimizer steps.")
     seed: int = _f(42, "Seed for initialization, dropout and data order.")
+    fused: str = _f("auto", "Train through fused QLoRA layers (stacked q/k/v, SwiGLU MLP, 4-bit weights "
+                            "dequantized in the compute dtype; adapters stay standard peft): true, false, or "
+                            "auto (on where the kernels support the model and settings, else the peft path, "
+                            "with the reason logged).")
 
     @property
     def checkpointing(self) -> str:
         """``gradient_checkpointing`` as one of auto, true, false (YAML booleans arrive as 'True')."""
         return str(self.gradient_checkpointing).lower()
+
+    @property
+    def fused_mode(self) -> str:
+        """``fused`` as one of auto, true, false."""
+        return str(self.fused).lower()
 
     def problems(self) -> Iterator[Problem]:
         if not 0.0 < self.lr < 1.0:
@@ -186,6 +195,8 @@ class TrainSpec:
             yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
         if self.max_grad_norm < 0:
             yield "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"
+        if self.fused_mode not in CHECKPOINTING:
+            yield "fused", f"'{self.fused}' is not one of {', '.join(CHECKPOINTING)}"
 
 
 @dataclass

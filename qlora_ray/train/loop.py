@@ -29,6 +29,7 @@ from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
 from qlora_ray.spec import JobSpec, to_yaml
 from qlora_ray.train import checkpoint as ckpt
+from qlora_ray.train import fused
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory, sync
 from qlora_ray.train.optim import build_parts
 from qlora_ray.train.step import step_with_fallback
@@ -103,6 +104,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(data.train_batches(self.prepared, spec.data, t.batch_size, 0, t.seed))
                                     / t.grad_accum)
         self.total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.fused = fused.choose(model, spec, dtype, self.say)
         self.parts = build_parts(model, t, self.total, dtype)
         if checkpoint is not None:
             self.state = ckpt.restore(checkpoint, self.parts)
@@ -136,13 +138,15 @@ class Trainer:
         t, state = self.spec.train, self.state
         self.bar = _progress(self.run.progress, self.total, state.step, self.spec.name)
         self.parts.model.train()
-        while state.step < self.total:
-            batches = data.train_batches(self.prepared, self.spec.data, t.batch_size, state.epoch, t.seed)
-            self.epoch_len = len(batches)
-            if self.epoch_len == 0:
-                raise UserError("data.train: no training batches (is the training set empty?)")
-            while state.batch < self.epoch_len and state.step < self.total:
-                self._one_step(batches)
+        # The fused forwards (train.fused) only while stepping: saving and evaluation run peft's own.
+        with self.fused():
+            while state.step < self.total:
+                batches = data.train_batches(self.prepared, self.spec.data, t.batch_size, state.epoch, t.seed)
+                self.epoch_len = len(batches)
+                if self.epoch_len == 0:
+                    raise UserError("data.train: no training batches (is the training set empty?)")
+                while state.batch < self.epoch_len and state.step < self.total:
+                    self._one_step(batches)
         self.bar.close()
 
     def _one_step(self, batches) -> None:
