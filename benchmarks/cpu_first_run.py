@@ -145,7 +145,7 @@ def run_train(out: Path, overrides: List[str]) -> Dict:
 
 # ---------------------------------------------------------------- levers
 
-def run_levers(out: Path, steps: int) -> Dict:
+def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
     import torch
 
     from qlora_ray import data, evaluate
@@ -157,17 +157,17 @@ def run_levers(out: Path, steps: int) -> Dict:
     from qlora_ray.train.step import step as one_step
 
     before = load()
-    base_spec = load_spec(JOB)
+    base_spec = load_spec(JOB, overrides)
     loaded: Dict[str, tuple] = {}
 
     def model_for(quant: str, dropout: float):
         if quant not in loaded:
-            spec = load_spec(JOB, [f"quantization.mode={quant}"])
+            spec = load_spec(JOB, [*overrides, f"quantization.mode={quant}"])
             tick = time.perf_counter()
             m, tok, dtype, _ = load_base(spec)
             loaded[quant] = (m, tok, dtype, time.perf_counter() - tick)
         m, tok, dtype, _ = loaded[quant]
-        spec = load_spec(JOB, [f"quantization.mode={quant}", f"lora.dropout={dropout}"])
+        spec = load_spec(JOB, [*overrides, f"quantization.mode={quant}", f"lora.dropout={dropout}"])
         torch.manual_seed(0)
         peft_model = add_lora(m, spec)
         return peft_model, tok, dtype, spec
@@ -180,33 +180,42 @@ def run_levers(out: Path, steps: int) -> Dict:
         old = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
-        times, tokens = [], 0
+        times, cpus, tokens = [], [], 0
         try:
             ctx = _fused(peft_model, dtype) if fused else _null()
             with ctx:
                 for i in range(steps):
                     b = batches[i % len(batches)]
-                    tick = time.perf_counter()
+                    tick, cpu = time.perf_counter(), time.process_time()
                     one_step(parts, [b], spec.train, i + 1, tok.pad_token_id)
                     times.append(time.perf_counter() - tick)
+                    cpus.append(time.process_time() - cpu)
                     tokens += int((b["input_ids"] != tok.pad_token_id).sum())
         finally:
             torch.set_num_threads(old)
             peft_model.unload()  # the same base serves the next variant
-        per_step = statistics.median(times[1:] if len(times) > 1 else times)
-        return {"median_step_s": round(per_step, 3), "tokens_per_s": round(tokens / sum(times), 1),
-                "steps_s": [round(t, 3) for t in times]}
+        # The first step warms up (allocations, one-time casts); the rest are measured.
+        kept, kept_cpu = (times[1:], cpus[1:]) if len(times) > 1 else (times, cpus)
+        per_token = tokens / len(times)
+        return {"median_step_s": round(statistics.median(kept), 3),
+                "tokens_per_s": round(per_token * len(kept) / sum(kept), 1),
+                # CPU seconds of this process: less swayed by other processes than wall time.
+                "tokens_per_cpu_s": round(per_token * len(kept_cpu) / sum(kept_cpu), 1),
+                "steps_s": [round(t, 3) for t in times], "steps_cpu_s": [round(t, 3) for t in cpus]}
 
     levers: List[Dict] = []
 
     def compare(name: str, a_label: str, a: Callable[[], Dict], b_label: str, b: Callable[[], Dict],
                 metric: str = "tokens_per_s") -> None:
         first, second = a(), b()
-        ratio = second[metric] / first[metric] if first[metric] else float("nan")
-        levers.append({"lever": name, "a": a_label, "b": b_label, "metric": metric, "a_value": first[metric],
-                       "b_value": second[metric], "b_over_a": round(ratio, 3), "a_detail": first,
-                       "b_detail": second, "load": load()})
-        print(f"{name}: {a_label} {first[metric]} vs {b_label} {second[metric]} (x{ratio:.2f})", flush=True)
+        for m in (metric, "tokens_per_cpu_s"):
+            if m not in first:
+                continue
+            ratio = second[m] / first[m] if first[m] else float("nan")
+            levers.append({"lever": name, "a": a_label, "b": b_label, "metric": m, "a_value": first[m],
+                           "b_value": second[m], "b_over_a": round(ratio, 3), "a_detail": first,
+                           "b_detail": second, "load": load()})
+            print(f"{name}: {a_label} {first[m]} vs {b_label} {second[m]} {m} (x{ratio:.2f})", flush=True)
 
     cores = os.cpu_count() or 2
     compare("torch threads", f"{torch.get_num_threads()} threads (default)", lambda: step_time(),
@@ -259,7 +268,8 @@ def run_levers(out: Path, steps: int) -> Dict:
     looked = time.perf_counter() - tick
     levers.append({"lever": "base figures", "measure_s": round(measured, 2), "cache_lookup_s": round(looked, 4),
                    "load": load()})
-    return {"kind": "levers", "job": str(JOB.relative_to(ROOT)), "machine": machine(), "steps_per_variant": steps,
+    return {"kind": "levers", "job": str(JOB.relative_to(ROOT)), "overrides": overrides, "machine": machine(),
+            "steps_per_variant": steps, "torch_threads": torch.get_num_threads(),
             "cores": cores, "load_before": before, "load_after": load(), "levers": levers}
 
 
@@ -351,7 +361,8 @@ def main() -> None:
     parser.add_argument("kind", choices=("train", "levers", "submit"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_first_run")
     parser.add_argument("--steps", type=int, default=3, help="levers: train steps per variant")
-    parser.add_argument("overrides", nargs="*", help="spec overrides for train and submit (KEY=VALUE)")
+    parser.add_argument("overrides", nargs="*", help="spec overrides (KEY=VALUE), e.g. model.name=DIR for "
+                        "a stand-in model of the same shape")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -361,7 +372,7 @@ def main() -> None:
     if args.kind == "train":
         report = run_train(args.out, args.overrides)
     elif args.kind == "levers":
-        report = run_levers(args.out, args.steps)
+        report = run_levers(args.out, args.steps, args.overrides)
     else:
         report = run_submit(args.out, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
