@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
 
 from qlora_ray import data, layout
 from qlora_ray.errors import UserError
 from qlora_ray.evaluate import perplexity
 from qlora_ray.files import publish_dir, write_text
+from qlora_ray.loss import token_loss
 from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, pick_device
 from qlora_ray.records import MergeCheck
 from qlora_ray.spec import DATA_FORMATS, DataSpec, JobSpec, QuantizationSpec
 
 # Shows what is going on while a block runs (a spinner on a terminal); a no-op by default.
 Status = Callable[[str], ContextManager]
+# A progress bar over a known total (tqdm-like: ``update(n)``, ``close()``), made by ``bar(total, label)``.
+Bar = Callable[[int, str], Any]
 
 
 def _quiet_status(text: str) -> ContextManager:
@@ -56,27 +62,86 @@ class AdapterEval:
     base_ppl: float
     tuned_ppl: float
     ppl_change: float
+    base_cached: bool = False  # the base figures came from the base-figure cache
 
 
 def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_size: int = 8,
-                     status: Status = _quiet_status, trust_remote_code: bool = False) -> AdapterEval:
+                     status: Status = _quiet_status, bar: Optional[Bar] = None,
+                     trust_remote_code: bool = False) -> AdapterEval:
     """Perplexity of the adapter at ``target`` (an adapter, trial or experiment folder) and of its
     base (adapter switched off) on the data ``dspec_for(adapter's spec)`` names. The base model's
-    own code runs only with ``trust_remote_code`` (never as the adapter's spec says)."""
+    own code runs only with ``trust_remote_code`` (never as the adapter's spec says).
+
+    The base figures come from the base-figure cache when another run measured them; else base
+    and tuned are measured in one pass over the batches (each batch twice, adapter off and on)
+    and the base figures are cached. ``bar(total target tokens, label)`` shows the progress."""
+    from qlora_ray.base_cache import lookup, store
+    from qlora_ray.records import Baseline
+
     adapter_dir = find_adapter(target)
     dspec = dspec_for(adapter_spec(adapter_dir, trust_remote_code))
     with status("loading the adapter and its base model..."):
         model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
         prepared = data.prepare(dspec, tokenizer)
+    key = _base_key(model, tokenizer, prepared, spec)
+    known = lookup(key)
     batches = data.eval_batches(prepared, batch_size)
-    with status(f"measuring {prepared.eval_stats.examples} examples..."):
-        tuned, tokens = perplexity(model, batches, dtype)
-        with model.disable_adapter():
-            base, _ = perplexity(model, batches, dtype)
+    passes = "tuned" if known else "base and tuned"
+    progress = (bar or _no_bar)(prepared.eval_stats.target_tokens * (1 if known else 2),
+                                f"measuring {prepared.eval_stats.examples} examples ({passes})")
+    try:
+        tuned_sum, base_sum, tokens = _one_pass(model, batches, dtype, not known, progress.update)
+    finally:
+        progress.close()
+    tuned = math.exp(tuned_sum / tokens) if tokens else float("nan")
+    if known:
+        base = known.perplexity
+    else:
+        base = math.exp(base_sum / tokens) if tokens else float("nan")
+        store(key, Baseline(perplexity=base, target_tokens=tokens))
     return AdapterEval(adapter=str(adapter_dir), data=dspec.eval, base_model=spec.model.name,
                        quantization=spec.quantization.mode, examples=prepared.eval_stats.examples,
                        skipped=sum(prepared.eval_stats.skipped.values()), target_tokens=tokens,
-                       base_ppl=base, tuned_ppl=tuned, ppl_change=tuned / base - 1.0)
+                       base_ppl=base, tuned_ppl=tuned, ppl_change=tuned / base - 1.0, base_cached=known is not None)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _no_bar(total: int, label: str) -> _NoBar:
+    return _NoBar()
+
+
+@torch.no_grad()
+def _one_pass(model, batches, dtype, with_base: bool, advance: Callable[[int], None]):
+    """Summed tuned (and, ``with_base``, base) token loss over ``batches`` and the target count."""
+    was_training = model.training
+    model.eval()
+    tuned = base = 0.0
+    tokens = 0
+    try:
+        for batch in batches:
+            loss, count = token_loss(model, batch, dtype)
+            tuned, tokens = tuned + float(loss), tokens + count
+            advance(count)
+            if with_base:
+                with model.disable_adapter():
+                    base += float(token_loss(model, batch, dtype)[0])
+                advance(count)
+    finally:
+        model.train(was_training)
+    return tuned, base, tokens
+
+
+def _base_key(model, tokenizer, prepared, spec: JobSpec):
+    """The base-figure cache key of the adapter's base on ``prepared.eval``, perplexity only."""
+    from qlora_ray.base_cache import base_key
+    from qlora_ray.model import device_of
+
+    spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, perplexity=True))
+    return base_key(spec, tokenizer, prepared, device_of(model), prompts=())
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,20 @@ class TrainSpec:
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps (and at the end).")
     log_every: int = _f(5, "Report metrics every N optimizer steps.")
     seed: int = _f(42, "Seed for initialization, dropout and data order.")
+    fused: str = _f("auto", "Train through fused QLoRA layers (stacked q/k/v, SwiGLU MLP, 4-bit weights "
+                            "dequantized in the compute dtype; adapters stay standard peft): true, false, or "
+                            "auto (on where the kernels support the model and settings, else the peft path, "
+                            "with the reason logged).")
 
     @property
     def checkpointing(self) -> str:
         """``gradient_checkpointing`` as one of auto, true, false (YAML booleans arrive as 'True')."""
         return str(self.gradient_checkpointing).lower()
+
+    @property
+    def fused_mode(self) -> str:
+        """``fused`` as one of auto, true, false."""
+        return str(self.fused).lower()
 
     def problems(self) -> Iterator[Problem]:
         if not 0.0 < self.lr < 1.0:
@@ -186,6 +195,8 @@ class TrainSpec:
             yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
         if self.max_grad_norm < 0:
             yield "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"
+        if self.fused_mode not in CHECKPOINTING:
+            yield "fused", f"'{self.fused}' is not one of {', '.join(CHECKPOINTING)}"
 
 
 @dataclass
@@ -193,7 +204,7 @@ class EvalSpec:
     perplexity: bool = _f(True, "Measure base and tuned perplexity on the eval set's target tokens.")
     prompts: Optional[str] = _f(None, "Text file with one user prompt per line for side-by-side sample replies.")
     max_prompts: Optional[int] = _f(None, "Use at most this many prompts.")
-    max_new_tokens: int = _f(96, "Tokens generated per sample reply (greedy).")
+    max_new_tokens: int = _f(96, "Tokens generated per sample reply.")
     batch_size: int = _f(8, "Rows per evaluation batch.")
     every_steps: Optional[int] = _f(None, "Measure eval perplexity every N optimizer steps (and at the last step) "
                                           "while training: written to metrics.jsonl, reported to Ray Tune as "
@@ -203,6 +214,17 @@ class EvalSpec:
                                                     "(the final eval always uses all of them).")
     keep: str = _f("last", "Which adapter a trial keeps in adapter/: last (the last step's) or best (the "
                            "periodic eval step with the lowest eval perplexity; needs eval.every_steps).")
+    temperature: float = _f(0.0, "Sample replies' temperature: 0 decodes greedily (the same reply every run); "
+                                 "above 0 samples, seeded by eval.seed. The same for base and tuned.")
+    top_p: float = _f(1.0, "Nucleus sampling: sample from the smallest set of tokens holding this much "
+                           "probability, in (0, 1] (only when temperature > 0).")
+    repetition_penalty: float = _f(1.2, "Divide the score of tokens already in the reply (and prompt) by this, "
+                                        ">= 1 (1 is off). With no_repeat_ngram_size it keeps small models "
+                                        "from looping (\"kabir, kabir, kabir\").")
+    no_repeat_ngram_size: int = _f(3, "Never generate the same run of this many tokens twice in a reply "
+                                      "(0 is off).")
+    seed: int = _f(0, "Seed for sampled replies (temperature > 0), so base and tuned draw alike and a re-run "
+                      "gives the same replies.")
 
     def problems(self) -> Iterator[Problem]:
         for key in ("every_steps", "periodic_max_examples"):
@@ -217,6 +239,16 @@ class EvalSpec:
             yield "every_steps", "needs eval.perplexity: true (periodic evals measure perplexity)"
         if self.max_new_tokens < 1:
             yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        if not 0.0 <= self.temperature <= 100.0:
+            yield "temperature", f"must be in [0, 100], got {self.temperature}"
+        if not 0.0 < self.top_p <= 1.0:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        if not 1.0 <= self.repetition_penalty <= 10.0:
+            yield "repetition_penalty", f"must be in [1, 10] (1 is off), got {self.repetition_penalty}"
+        if self.no_repeat_ngram_size < 0:
+            yield "no_repeat_ngram_size", f"must be >= 0 (0 is off), got {self.no_repeat_ngram_size}"
+        if not 0 <= self.seed <= SEED_MAX:
+            yield "seed", f"must be in [0, {SEED_MAX}], got {self.seed}"
         if self.batch_size < 1:
             yield "batch_size", f"must be >= 1, got {self.batch_size}"
         if self.max_prompts is not None and self.max_prompts < 1:

@@ -462,8 +462,9 @@ def test_unpacked_train_and_eval_batches_are_right_padded(tmp_path, tok):
     evals = list(eval_batches(prepared, batch_size=3))
     assert [len(b["input_ids"]) for b in evals] == [3, 3, 3, 3, 3, 1]
     first = evals[0]
-    lengths = [len(e.input_ids) for e in prepared.eval[:3]]
-    assert first["attention_mask"].sum(-1).tolist() == lengths  # fixed order: the file's
+    lengths = sorted((len(e.input_ids) for e in prepared.eval), reverse=True)[:3]
+    assert first["attention_mask"].sum(-1).tolist() == lengths  # longest first: little padding
+    assert sum(int(b["attention_mask"].sum()) for b in evals) == sum(len(e.input_ids) for e in prepared.eval)
     for row, n in enumerate(lengths):
         assert (first["input_ids"][row, n:] == tok.pad_token_id).all()
         assert (first["labels"][row, n:] == IGNORE).all()

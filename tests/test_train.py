@@ -453,8 +453,15 @@ def test_smoke_job_on_offline_smollm2(smollm2_gguf, tmp_path):
     """`qlora-ray train jobs/hinglish_smoke.yaml` on the CPU: a large perplexity drop in minutes."""
     final, trial = _smoke()
     assert final["step"] == load_spec(SMOKE_JOB).train.max_steps
-    assert final["ppl_change"] < -0.3
-    assert (trial / "samples.md").is_file()
+    assert final["ppl_change"] < -0.5
+    # Readable replies with the shipped decoding settings: no reply, base or tuned, repeats a
+    # 3-gram of words more than twice.
+    from qlora_ray.evaluate import ngram_repeats
+
+    rows = [line.split(" | ") for line in (trial / "samples.md").read_text().splitlines() if line.startswith("| 1")
+            or line.startswith("| 2") or line.startswith("| 3")]
+    replies = [cell.replace("<br>", " ") for row in rows for cell in row[2:4]]
+    assert len(replies) == 6 and all(ngram_repeats(r) <= 2 for r in replies), replies
 
 
 @pytest.mark.gpu

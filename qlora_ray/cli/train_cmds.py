@@ -174,8 +174,11 @@ def eval_(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
                                            "Python code run (models with custom code). Off whatever the "
                                            "adapter's spec says: only for a model you trust."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
+
+    The base model's figures come from the cache when any run measured them on the same tokens.
 
     Examples:
       qlora-ray eval runs/hinglish_smoke/hinglish_smoke --data data/hinglish/eval.jsonl
@@ -186,19 +189,27 @@ def eval_(
     _quiet_libraries()
     _say_base(target, trust_remote_code)
     result = evaluate_adapter(target, lambda spec: eval_data(spec, data_file, fmt, max_examples, max_seq_len),
-                              batch_size, status=err_console.status, trust_remote_code=trust_remote_code)
+                              batch_size, status=err_console.status, bar=None if quiet else _token_bar,
+                              trust_remote_code=trust_remote_code)
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(result)))
         return
     table = Table(title=f"perplexity on {data_file}")
     table.add_column("model")
     table.add_column("ppl", justify="right")
-    table.add_row(f"base ({result.base_model}, {result.quantization})", f"{result.base_ppl:.3f}")
+    cached = ", cached" if result.base_cached else ""
+    table.add_row(f"base ({result.base_model}, {result.quantization}{cached})", f"{result.base_ppl:.3f}")
     table.add_row(f"tuned ({result.adapter})", f"{result.tuned_ppl:.3f}")
     console.print(table)
     console.print(f"change {result.ppl_change:+.1%} over {result.target_tokens:,} target tokens in "
                   f"{result.examples} examples" + (f" ({result.skipped} rows skipped)" if result.skipped else ""),
                   highlight=False)
+
+
+def _token_bar(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------- chat
@@ -209,7 +220,8 @@ def chat(
     target: Path = typer.Argument(..., metavar="ADAPTER", help="An adapter, trial or experiment folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (greedy)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (decoded with "
+                                       "the eval.* settings the adapter was trained with)."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
                                            "Python code run (models with custom code). Off whatever the "
@@ -229,12 +241,13 @@ def chat(
     _quiet_libraries()
     adapter_dir = _say_base(target, trust_remote_code)
     with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, dtype, _ = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
+        model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
+    decoding = dataclasses.replace(spec.eval, max_new_tokens=max_new_tokens)
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages: list) -> str:
         with model.disable_adapter() if base else contextlib.nullcontext():
-            return chat_reply(model, tokenizer, messages, max_new_tokens, dtype)
+            return chat_reply(model, tokenizer, messages, decoding, dtype)
 
     if prompt is not None:
         console.print(answer(opening + [{"role": "user", "content": prompt}]), markup=False, highlight=False)

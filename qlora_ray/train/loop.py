@@ -21,14 +21,16 @@ from typing import Callable, Dict, Optional
 import torch
 
 from qlora_ray import data, layout
+from qlora_ray.base_cache import base_key, cached
 from qlora_ray.errors import UserError, disk_full_as
-from qlora_ray.evaluate import measure, write_samples
+from qlora_ray.evaluate import describe_decoding, measure, write_samples
 from qlora_ray.files import write_text
 from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load_base, save_adapter
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
 from qlora_ray.resume import check_resume
 from qlora_ray.spec import JobSpec, to_yaml
 from qlora_ray.train import checkpoint as ckpt
+from qlora_ray.train import fused
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory, sync
 from qlora_ray.train.optim import build_parts
 from qlora_ray.train.periodic import PeriodicEval
@@ -108,6 +110,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(data.train_batches(self.prepared, spec.data, t.batch_size, 0, t.seed))
                                     / t.grad_accum)
         self.total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.fused = fused.choose(model, spec, dtype, self.say)
         self.parts = build_parts(model, t, self.total, dtype)
         self.periodic = PeriodicEval(spec.eval, self.prepared, self.total)
         if checkpoint is not None:
@@ -118,12 +121,17 @@ class Trainer:
         self.prior_wall = self.state.wall_s
 
     def _measure_base(self, reuse: bool) -> Baseline:
-        """Base-model figures from the model in hand (adapters switched off); saved for resumes."""
+        """Base-model figures: from the base-figure cache, else measured on the model in hand
+        (adapters switched off); saved in the trial folder for resumes."""
         path = self.trial_dir / layout.BASELINE_FILE
         if reuse and path.is_file():
             return Baseline.from_json(path.read_text(encoding="utf-8"))
-        with self.model.disable_adapter():
-            baseline = measure(self.model, self.tokenizer, self.prepared, self.spec, self.dtype)
+
+        def measure_now() -> Baseline:
+            with self.model.disable_adapter():
+                return measure(self.model, self.tokenizer, self.prepared, self.spec, self.dtype)
+
+        baseline = cached(base_key(self.spec, self.tokenizer, self.prepared, self.device), measure_now)
         path.write_text(baseline.to_json(), encoding="utf-8")
         return baseline
 
@@ -137,13 +145,15 @@ class Trainer:
         t, state = self.spec.train, self.state
         self.bar = _progress(self.run.progress, self.total, state.step, self.spec.name)
         self.parts.model.train()
-        while state.step < self.total:
-            batches = data.train_batches(self.prepared, self.spec.data, t.batch_size, state.epoch, t.seed)
-            self.epoch_len = len(batches)
-            if self.epoch_len == 0:
-                raise UserError("data.train: no training batches (is the training set empty?)")
-            while state.batch < self.epoch_len and state.step < self.total:
-                self._one_step(batches)
+        # The fused forwards (train.fused) only while stepping: saving and evaluation run peft's own.
+        with self.fused():
+            while state.step < self.total:
+                batches = data.train_batches(self.prepared, self.spec.data, t.batch_size, state.epoch, t.seed)
+                self.epoch_len = len(batches)
+                if self.epoch_len == 0:
+                    raise UserError("data.train: no training batches (is the training set empty?)")
+                while state.batch < self.epoch_len and state.step < self.total:
+                    self._one_step(batches)
         self.bar.close()
 
     def _one_step(self, batches) -> None:
@@ -235,7 +245,7 @@ class Trainer:
         if tuned.prompts:
             with disk_full_as(layout.SAMPLES_FILE, self.trial_dir):
                 samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
-                                            tuned.replies))
+                                            tuned.replies, describe_decoding(spec.eval)))
         base_ppl, eval_ppl = baseline.perplexity, tuned.perplexity
         result = FitResult(
             step=state.step, total_steps=self.total, train_loss=state.last_loss, eval_ppl=eval_ppl,
