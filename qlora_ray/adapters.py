@@ -70,12 +70,28 @@ def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_siz
     batches = data.eval_batches(prepared, batch_size)
     with status(f"measuring {prepared.eval_stats.examples} examples..."):
         tuned, tokens = perplexity(model, batches, dtype)
-        with model.disable_adapter():
-            base, _ = perplexity(model, batches, dtype)
+        base = _base_perplexity(model, tokenizer, prepared, spec, batches, dtype)
     return AdapterEval(adapter=str(adapter_dir), data=dspec.eval, base_model=spec.model.name,
                        quantization=spec.quantization.mode, examples=prepared.eval_stats.examples,
                        skipped=sum(prepared.eval_stats.skipped.values()), target_tokens=tokens,
                        base_ppl=base, tuned_ppl=tuned, ppl_change=tuned / base - 1.0)
+
+
+def _base_perplexity(model, tokenizer, prepared, spec: JobSpec, batches, dtype) -> float:
+    """The base model's perplexity on ``prepared.eval``: from the base-figure cache, else measured
+    with the adapter switched off (and cached for the next adapter of the same base)."""
+    from qlora_ray.base_cache import base_key, cached
+    from qlora_ray.model import device_of
+    from qlora_ray.records import Baseline
+
+    def measure_now() -> Baseline:
+        with model.disable_adapter():
+            ppl, tokens = perplexity(model, batches, dtype)
+        return Baseline(perplexity=ppl, target_tokens=tokens)
+
+    spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, perplexity=True))
+    key = base_key(spec, tokenizer, prepared, device_of(model), prompts=())
+    return cached(key, measure_now).perplexity
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ def perplexity(model, batches: Iterable[dict], dtype: Optional[torch.dtype] = No
 
 # ---------------------------------------------------------------- replies
 
+def decoding_settings(spec: EvalSpec) -> dict:
+    """The settings that decide a reply to a prompt (part of the base figures' cache key)."""
+    return {"max_new_tokens": spec.max_new_tokens}
+
+
 def read_prompts(spec: EvalSpec) -> List[str]:
     """The prompts file's non-empty lines, at most ``max_prompts``."""
     if not spec.prompts:
@@ -120,14 +125,21 @@ def measure(model, tokenizer, prepared, spec: JobSpec, dtype: Optional[torch.dty
 
 
 def baseline(spec: JobSpec) -> Baseline:
-    """Load the (quantized) base model of ``spec`` and measure it on the spec's eval set and prompts."""
+    """The figures of the (quantized) base model of ``spec`` on the spec's eval set and prompts:
+    from the base-figure cache, else the model is loaded and measured (and the figures cached)."""
     from qlora_ray import data
-    from qlora_ray.model import load_base
+    from qlora_ray.base_cache import base_key, cached
+    from qlora_ray.model import load_base, load_tokenizer, pick_device
 
-    torch.manual_seed(spec.train.seed)
-    model, tokenizer, dtype, _ = load_base(spec)
+    tokenizer = load_tokenizer(spec.model, spec.data.cache_dir)
     prepared = data.prepare(spec.data, tokenizer)
-    return measure(model, tokenizer, prepared, spec, dtype)
+
+    def measure_now() -> Baseline:
+        torch.manual_seed(spec.train.seed)
+        model, tokenizer, dtype, _ = load_base(spec)
+        return measure(model, tokenizer, prepared, spec, dtype)
+
+    return cached(base_key(spec, tokenizer, prepared, pick_device(spec.resources)), measure_now)
 
 
 # ---------------------------------------------------------------- samples.md

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from qlora_ray import data, layout
+from qlora_ray.base_cache import base_key, cached
 from qlora_ray.errors import UserError
 from qlora_ray.evaluate import measure, write_samples
 from qlora_ray.files import write_text
@@ -111,12 +112,17 @@ class Trainer:
         self.prior_wall = self.state.wall_s
 
     def _measure_base(self, reuse: bool) -> Baseline:
-        """Base-model figures from the model in hand (adapters switched off); saved for resumes."""
+        """Base-model figures: from the base-figure cache, else measured on the model in hand
+        (adapters switched off); saved in the trial folder for resumes."""
         path = self.trial_dir / layout.BASELINE_FILE
         if reuse and path.is_file():
             return Baseline.from_json(path.read_text(encoding="utf-8"))
-        with self.model.disable_adapter():
-            baseline = measure(self.model, self.tokenizer, self.prepared, self.spec, self.dtype)
+
+        def measure_now() -> Baseline:
+            with self.model.disable_adapter():
+                return measure(self.model, self.tokenizer, self.prepared, self.spec, self.dtype)
+
+        baseline = cached(base_key(self.spec, self.tokenizer, self.prepared, self.device), measure_now)
         path.write_text(baseline.to_json(), encoding="utf-8")
         return baseline
 
