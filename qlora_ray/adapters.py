@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, List, Optional
 
 from qlora_ray import data, layout
 from qlora_ray.errors import UserError
@@ -62,16 +62,31 @@ def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_siz
                      status: Status = _quiet_status) -> AdapterEval:
     """Perplexity of the adapter at ``target`` (an adapter, trial or experiment folder) and of its
     base (adapter switched off) on the data ``dspec_for(adapter's spec)`` names."""
+    return evaluate_adapter_on(target, [dspec_for], batch_size, status)[0]
+
+
+def evaluate_adapter_on(target, dspec_fors: List[Callable[[JobSpec], DataSpec]], batch_size: int = 8,
+                        status: Status = _quiet_status) -> List[AdapterEval]:
+    """Like :func:`evaluate_adapter` for several data sets, loading the adapter once: one
+    AdapterEval per entry of ``dspec_fors``, in order."""
     adapter_dir = find_adapter(target)
-    dspec = dspec_for(adapter_spec(adapter_dir))
+    spec = adapter_spec(adapter_dir)
+    dspecs = [dspec_for(spec) for dspec_for in dspec_fors]
     with status("loading the adapter and its base model..."):
         model, tokenizer, dtype, spec = load_adapter(adapter_dir)
+    return [_evaluate_one(model, tokenizer, dtype, spec, dspec, batch_size, status, str(adapter_dir))
+            for dspec in dspecs]
+
+
+def _evaluate_one(model, tokenizer, dtype, spec: JobSpec, dspec: DataSpec, batch_size: int, status: Status,
+                  adapter: str) -> AdapterEval:
+    with status(f"reading {dspec.eval}..."):
         prepared = data.prepare(dspec, tokenizer)
     batches = data.eval_batches(prepared, batch_size)
-    with status(f"measuring {prepared.eval_stats.examples} examples..."):
+    with status(f"measuring {prepared.eval_stats.examples} examples of {dspec.eval}..."):
         tuned, tokens = perplexity(model, batches, dtype)
         base = _base_perplexity(model, tokenizer, prepared, spec, batches, dtype)
-    return AdapterEval(adapter=str(adapter_dir), data=dspec.eval, base_model=spec.model.name,
+    return AdapterEval(adapter=adapter, data=dspec.eval, base_model=spec.model.name,
                        quantization=spec.quantization.mode, examples=prepared.eval_stats.examples,
                        skipped=sum(prepared.eval_stats.skipped.values()), target_tokens=tokens,
                        base_ppl=base, tuned_ppl=tuned, ppl_change=tuned / base - 1.0)

@@ -19,6 +19,7 @@ from qlora_ray.runtime.baseline import finish_baseline, start_baseline
 from qlora_ray.runtime.capacity import check_resources, room_for_baseline
 from qlora_ray.runtime.connect import ConnectOptions, connect
 from qlora_ray.runtime.grid import run_grid
+from qlora_ray.runtime.test_set import measure_best_on_test
 from qlora_ray.runtime.trial import Sweep
 from qlora_ray.spec import load_spec
 from qlora_ray import layout
@@ -66,6 +67,7 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
                           faults=faults.installed())
             run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo))
             finish_baseline(ref, storage, say)
+            measure_best_on_test(spec, storage, say)
     return SubmitOutcome(board=write_results(storage.root), exp=storage.root, planned=[t.id for t in trials])
 
 
