@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHATML, TINY_CHATS, tiny_rows, write_jsonl
+from conftest import TINY_CHATS, tiny_rows, write_jsonl
 from qlora_ray import results, train
 from qlora_ray.spec import load_spec
 

@@ -19,7 +19,7 @@ from qlora_ray.runtime.baseline import finish_baseline, start_baseline
 from qlora_ray.runtime.capacity import check_resources, room_for_baseline
 from qlora_ray.runtime.connect import ConnectOptions, connect
 from qlora_ray.runtime.grid import run_grid
-from qlora_ray.runtime.test_set import measure_best_on_test
+from qlora_ray.runtime.held_out import measure_best_on_test
 from qlora_ray.runtime.trial import Sweep
 from qlora_ray.spec import load_spec
 from qlora_ray import layout
