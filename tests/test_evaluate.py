@@ -120,7 +120,7 @@ def test_eval_command_measures_base_and_tuned_on_the_same_tokens(trial, tiny_dat
     # Any supported format: plain text rows (all tokens are targets).
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Chai peelo yaar", "Kal milte hain bhai"]))
-    out = runner.invoke(app, ["eval", str(folder / "adapter"), "--data", str(text)])
+    out = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["eval", str(folder / "adapter"), "--data", str(text)])
     assert out.exit_code == 0, out.output
     assert "base ppl" in out.output and "tuned ppl" in out.output and "text.jsonl" in out.output
 
