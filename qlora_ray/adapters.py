@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, List, Optional
 
 import torch
 
@@ -75,19 +75,35 @@ def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_siz
     The base figures come from the base-figure cache when another run measured them; else base
     and tuned are measured in one pass over the batches (each batch twice, adapter off and on)
     and the base figures are cached. ``bar(total target tokens, label)`` shows the progress."""
+    return evaluate_adapter_on(target, [dspec_for], batch_size, status, bar, trust_remote_code)[0]
+
+
+def evaluate_adapter_on(target, dspec_fors: List[Callable[[JobSpec], DataSpec]], batch_size: int = 8,
+                        status: Status = _quiet_status, bar: Optional[Bar] = None,
+                        trust_remote_code: bool = False) -> List[AdapterEval]:
+    """Like :func:`evaluate_adapter` for several data sets, loading the adapter once: one
+    AdapterEval per entry of ``dspec_fors``, in order."""
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
+    dspecs = [dspec_for(spec) for dspec_for in dspec_fors]
+    with status("loading the adapter and its base model..."):
+        model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
+    return [_evaluate_one(model, tokenizer, dtype, spec, dspec, batch_size, status, bar or _no_bar, str(adapter_dir))
+            for dspec in dspecs]
+
+
+def _evaluate_one(model, tokenizer, dtype, spec: JobSpec, dspec: DataSpec, batch_size: int, status: Status,
+                  bar: Bar, adapter: str) -> AdapterEval:
     from qlora_ray.base_cache import lookup, store
     from qlora_ray.records import Baseline
 
-    adapter_dir = find_adapter(target)
-    dspec = dspec_for(adapter_spec(adapter_dir, trust_remote_code))
-    with status("loading the adapter and its base model..."):
-        model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
+    with status(f"reading {dspec.eval}..."):
         prepared = data.prepare(dspec, tokenizer)
     key = _base_key(model, tokenizer, prepared, spec)
     known = lookup(key)
     batches = data.eval_batches(prepared, batch_size)
     passes = "tuned" if known else "base and tuned"
-    progress = (bar or _no_bar)(prepared.eval_stats.target_tokens * (1 if known else 2),
+    progress = bar(prepared.eval_stats.target_tokens * (1 if known else 2),
                                 f"measuring {prepared.eval_stats.examples} examples ({passes})")
     try:
         tuned_sum, base_sum, tokens = _one_pass(model, batches, dtype, not known, progress.update)
@@ -99,7 +115,7 @@ def evaluate_adapter(target, dspec_for: Callable[[JobSpec], DataSpec], batch_siz
     else:
         base = math.exp(base_sum / tokens) if tokens else float("nan")
         store(key, Baseline(perplexity=base, target_tokens=tokens))
-    return AdapterEval(adapter=str(adapter_dir), data=dspec.eval, base_model=spec.model.name,
+    return AdapterEval(adapter=adapter, data=dspec.eval, base_model=spec.model.name,
                        quantization=spec.quantization.mode, examples=prepared.eval_stats.examples,
                        skipped=sum(prepared.eval_stats.skipped.values()), target_tokens=tokens,
                        base_ppl=base, tuned_ppl=tuned, ppl_change=tuned / base - 1.0, base_cached=known is not None)

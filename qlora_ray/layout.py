@@ -25,6 +25,7 @@ EXPERIMENT_FILE = "experiment.json"
 SPEC_FILE = "spec.yaml"
 BASELINE_FILE = "baseline.json"
 JOB_FILE = "job.json"
+TEST_FILE = "test.json"  # the best trial measured on data.test
 LEADERBOARD = "leaderboard"
 LEADERBOARD_SUFFIXES = ("md", "csv", "json", "png")
 BEST_LINK = "best"

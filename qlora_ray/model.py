@@ -242,6 +242,11 @@ def add_lora(model, spec: JobSpec):
         # which needs none of peft's input-grad hooks.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(spec.lora))
+    if spec.lora.init != "default":
+        from qlora_ray.lora_init import apply_after
+
+        source = resolve_source(spec.model, spec.data.cache_dir)
+        apply_after(model, spec.lora.init, source.path if Path(source.path).is_dir() else None)
     set_gradient_checkpointing(model, spec.train.checkpointing == "true")
     # from_pretrained returns eval mode, in which gradient checkpointing is silently skipped.
     model.train()
@@ -276,7 +281,14 @@ def lora_config(lora: LoraSpec):
     targets = lora.target_modules
     target = "all-linear" if targets == ["all-linear"] else list(targets)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                      use_rslora=lora.rslora, bias="none", task_type="CAUSAL_LM")
+                      use_rslora=lora.rslora, bias="none", task_type="CAUSAL_LM",
+                      init_lora_weights=_init_value(lora))
+
+
+def _init_value(lora: LoraSpec):
+    from qlora_ray.lora_init import peft_value
+
+    return peft_value(getattr(lora, "init", "default"))
 
 
 def save_adapter(model, tokenizer, spec: JobSpec, out_dir: str | os.PathLike) -> Path:

@@ -175,6 +175,14 @@ class FinalMetrics(Record):
     gradient_checkpointing: bool = False  # on at the end (``auto`` switches it on after an out-of-memory step)
     epoch: Optional[float] = None
     best_step: Optional[int] = None  # eval.keep best: the periodic eval step whose adapter was kept
+    # The control set (``eval.control``): base vs tuned on the same tokens.
+    control_base_ppl: Optional[float] = None
+    control_ppl: Optional[float] = None
+    control_change: Optional[float] = None
+    control_tokens: int = 0
+    # The base model unquantized on the eval set (``eval.quantization_cost``), and eval_ppl against it.
+    base_ppl_unquantized: Optional[float] = None
+    change_vs_unquantized: Optional[float] = None
 
 
 @dataclass
@@ -203,6 +211,19 @@ class Baseline(Record):
     target_tokens: int = 0
     replies: List[str] = field(default_factory=list)
     prompts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TestFigures(Record):
+    """``test.json``: the selected best trial measured once on the held-out test set (``data.test``)."""
+
+    trial_id: str
+    data: str
+    base_ppl: Optional[float] = None
+    tuned_ppl: Optional[float] = None
+    change: Optional[float] = None
+    target_tokens: int = 0
+    examples: int = 0
 
 
 # ---------------------------------------------------------------- the runtime's records
@@ -269,6 +290,7 @@ class ExperimentPlan(Record):
     address: Optional[str] = None
     dashboard: Optional[str] = None
     ray_logs: Optional[str] = None
+    select: Optional[Dict[str, Any]] = None  # the spec's ``results`` section: how best is chosen
 
 
 @dataclass

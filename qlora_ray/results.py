@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 from qlora_ray import layout, records, spread
 from qlora_ray.files import write_text
 from qlora_ray.records import TrialState
+from qlora_ray.select import Selection, choose
 
 # Trial states (``records.TrialState`` values), for readers comparing with a row's ``status``.
 PENDING, RUNNING, FINISHED, FAILED, STOPPED = (s.value for s in TrialState if s != TrialState.PRUNED)
@@ -69,6 +70,12 @@ class TrialRow:
         if self.status == FINISHED and self.best_step is not None:
             return f"finished, best @ step {self.best_step}"
         return self.status
+    control_base_ppl: Optional[float] = None
+    control_ppl: Optional[float] = None
+    control_change: Optional[float] = None
+    base_ppl_unquantized: Optional[float] = None
+    change_vs_unquantized: Optional[float] = None
+    passed_over: Optional[str] = None  # why the selection did not pick this finished trial
 
     @property
     def overhead_s(self) -> Optional[float]:
@@ -85,12 +92,21 @@ class Leaderboard:
     rows: List[TrialRow]
     base_ppl: Optional[float] = None
     spec_file: Optional[str] = None  # the spec last submitted (how to resume stopped trials)
+    selection: Selection = field(default_factory=Selection)
+    test: Optional[records.TestFigures] = None  # the best trial on the held-out test set
 
     @property
     def best(self) -> Optional[TrialRow]:
-        """The finished trial with the lowest eval perplexity."""
-        done = [r for r in self.rows if r.status == FINISHED and _num(r.eval_ppl)]
-        return min(done, key=lambda r: r.eval_ppl) if done else None
+        """The finished trial the selection picks (``results`` in the spec; by default the lowest
+        eval perplexity); trials it passes over carry the reason in ``passed_over``."""
+        best, skipped = choose(self.rows, self.selection, FINISHED)
+        for row in self.rows:
+            row.passed_over = skipped.get(row.trial_id)
+        return best
+
+    @property
+    def base_ppl_unquantized(self) -> Optional[float]:
+        return next((r.base_ppl_unquantized for r in self.rows if _num(r.base_ppl_unquantized)), None)
 
     @property
     def failed(self) -> List[TrialRow]:
@@ -146,6 +162,7 @@ def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRo
         losses=[(m.step, m.loss) for m in steps if _num(m.loss)],
         evals=evals,
         best_step=final.best_step if final else None,
+        **_side_figures(final),
     )
     if pruned:
         # Its figure is the last periodic eval (on the periodic subset, if one is set).
@@ -154,6 +171,11 @@ def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRo
         row.eval_ppl = status.pruned_eval_ppl if _num(status.pruned_eval_ppl) else (evals[-1][1] if evals else None)
         row.reason = None
     return row
+
+
+def _side_figures(final: Optional[records.FinalMetrics]) -> Dict[str, Any]:
+    keys = ("control_base_ppl", "control_ppl", "control_change", "base_ppl_unquantized", "change_vs_unquantized")
+    return {k: getattr(final, k, None) for k in keys} if final else {}
 
 
 def _latest(final: Optional[records.FinalMetrics], last: Optional[records.StepMetrics], key: str) -> Any:
@@ -192,8 +214,14 @@ def read_leaderboard(exp_dir: str | os.PathLike) -> Leaderboard:
         if row.base_ppl is None and _num(base):
             row.base_ppl = base
     ranked = sorted(rows.values(), key=_rank_key)
-    return Leaderboard(name=plan.name or exp.name, sweep_keys=keys, rows=ranked,
-                       base_ppl=base if _num(base) else None, spec_file=plan.spec_file or None)
+    board = Leaderboard(name=plan.name or exp.name, sweep_keys=keys, rows=ranked,
+                        base_ppl=base if _num(base) else None, selection=Selection.from_plan(plan.select),
+                        spec_file=plan.spec_file or None,
+                        test=records.TestFigures.read(exp / layout.TEST_FILE))
+    board.best  # fills each row's passed_over
+    # A trial the selection passed over ranks after the finished trials it may pick from.
+    board.rows.sort(key=lambda r: (_STATE_ORDER.get(r.status, 5), r.passed_over is not None))
+    return board
 
 
 def _rank_key(row: TrialRow) -> tuple:
@@ -207,6 +235,11 @@ COLUMNS = [  # (key, header, format)
     ("base_ppl", "base ppl", "{:.2f}"),
     ("eval_ppl", "eval ppl", "{:.2f}"),
     ("ppl_change", "change", "{:+.1%}"),
+    # The same tuned model against the base unquantized: what the user would otherwise run.
+    ("change_vs_unquantized", "change vs unquantized", "{:+.1%}"),
+    ("control_base_ppl", "control base", "{:.2f}"),
+    ("control_ppl", "control tuned", "{:.2f}"),
+    ("control_change", "control change", "{:+.1%}"),
     ("train_loss", "train loss", "{:.4f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("peak_mem_gb", "peak GiB", "{:.2f}"),
@@ -242,15 +275,27 @@ def progress(row: TrialRow) -> str:
     return f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
 
 
+# Shown only when some trial has them (a spec without a control set or with an unquantized base).
+OPTIONAL_COLUMNS = ("change_vs_unquantized", "control_base_ppl", "control_ppl", "control_change")
+
+
+def _columns(board: Leaderboard) -> List[tuple]:
+    return [c for c in COLUMNS
+            if c[0] not in OPTIONAL_COLUMNS or any(getattr(r, c[0]) is not None for r in board.rows)]
+
+
 def table_rows(board: Leaderboard) -> tuple[List[str], List[List[str]]]:
     """Headers and formatted cells, shared by the markdown file and the terminal table."""
-    headers = ["#", "trial", *(_short(k) for k in board.sweep_keys), *(h for _, h, _ in COLUMNS),
+    columns = _columns(board)
+    headers = ["#", "trial", *(_short(k) for k in board.sweep_keys), *(h for _, h, _ in columns),
                "status", "step"]
     out = []
     for i, row in enumerate(board.rows, 1):
         status = row.state_text if not row.reason else f"{row.state_text}: {row.reason}"
+        if row.passed_over:
+            status += " (passed over)"
         out.append([str(i), row.trial_id, *(_fmt_value(row.values.get(k, "")) for k in board.sweep_keys),
-                    *(_fmt(getattr(row, key), spec) for key, _, spec in COLUMNS), status, progress(row)])
+                    *(_fmt(getattr(row, key), spec) for key, _, spec in columns), status, progress(row)])
     return headers, out
 
 
@@ -292,8 +337,15 @@ def to_markdown(board: Leaderboard) -> str:
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     best = board.best
+    if board.base_ppl_unquantized is not None and board.base_ppl is not None:
+        lines += ["", f"Quantization cost: the base model unquantized has eval perplexity "
+                      f"{board.base_ppl_unquantized:.2f}, quantized {board.base_ppl:.2f} "
+                      f"({board.base_ppl / board.base_ppl_unquantized - 1:+.1%}); `change vs unquantized` "
+                      "compares each tuned model with the unquantized base."]
     if best is not None:
         lines += ["", f"Best: `{best.trial_id}` (eval ppl {best.eval_ppl:.2f}); adapter in `{layout.BEST_LINK}/{layout.ADAPTER_DIR}/`."]
+    lines += _selection_lines(board, best)
+    lines += _test_lines(board, best)
     lines += spread.to_markdown(spread.configurations(board.rows), _short)
     stopped = board.counts().get(STOPPED, 0)
     if stopped:
@@ -302,6 +354,32 @@ def to_markdown(board: Leaderboard) -> str:
         lines += ["", "## Failed trials", ""]
         lines += [f"- `{r.trial_id}`: {r.reason or 'no reason recorded'}" for r in board.failed]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(board: Leaderboard, best: Optional[TrialRow]) -> List[str]:
+    passed = [r for r in board.rows if r.passed_over]
+    if not passed and board.selection == Selection():
+        return []
+    lines = ["", f"Selection: {board.selection.describe()}."]
+    if best is None and passed:
+        lines += ["No finished trial passed the selection, so there is no best trial."]
+    if passed:
+        lines += ["", "## Passed over", ""]
+        lines += [f"- `{r.trial_id}`: {r.passed_over}" for r in passed]
+    return lines
+
+
+def _test_lines(board: Leaderboard, best: Optional[TrialRow]) -> List[str]:
+    t = board.test
+    if t is None:
+        return []
+    lines = ["", "## Test set", "",
+             "Held out from training and selection; measured for the selected trial only.", ""]
+    if best is None or t.trial_id != best.trial_id:
+        return lines + [f"(measured for `{t.trial_id}`, which is no longer the best trial; re-run submit to measure the new best)"]
+    return lines + ["| trial | data | base ppl | tuned ppl | change | target tokens |", "|---|---|---|---|---|---|",
+                    f"| {t.trial_id} | {t.data} | {_fmt(t.base_ppl, '{:.2f}')} | {_fmt(t.tuned_ppl, '{:.2f}')} | "
+                    f"{_fmt(t.change, '{:+.1%}')} | {t.target_tokens:,} |"]
 
 
 def to_csv(board: Leaderboard) -> str:
@@ -320,8 +398,11 @@ def to_json(board: Leaderboard) -> Dict[str, Any]:
     best = board.best
     return {records.SCHEMA_KEY: records.SCHEMA_VERSION, "name": board.name, "sweep_keys": board.sweep_keys, "base_ppl": board.base_ppl,
             "best": best.trial_id if best else None, "counts": board.counts(),
-            "trials": to_records(board),
-            "configurations": [g.fields() for g in spread.configurations(board.rows)]}
+            "trials": to_records(board), "base_ppl_unquantized": board.base_ppl_unquantized,
+            "configurations": [g.fields() for g in spread.configurations(board.rows)],
+            "selection": {"metric": board.selection.metric,
+                          "max_control_increase": board.selection.max_control_increase},
+            "test": board.test.fields() if board.test else None}
 
 
 # ---------------------------------------------------------------- the plot
@@ -341,12 +422,17 @@ def figure(board: Leaderboard):
     from matplotlib.figure import Figure
 
     curves = any(r.evals for r in board.rows)
-    fig = Figure(figsize=(18 if curves else 12, 4.8), layout="constrained")
+    with_control = any(_num(r.control_change) for r in board.rows)
+    panels = 2 + curves + with_control
+    fig = Figure(figsize=(6 * panels, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3 if curves else 2)
+    axes = fig.subplots(1, panels)
     ax_ppl, ax_loss = axes[0], axes[1]
+    extra = list(axes[2:])
     if curves:
-        _plot_eval_curves(board, axes[2])
+        _plot_eval_curves(board, extra.pop(0))
+    if with_control:
+        _plot_control(board, extra.pop(0))
     _plot_ppl(board, ax_ppl)
     for row in board.rows:
         if row.losses:
@@ -378,6 +464,22 @@ def _plot_eval_curves(board: Leaderboard, ax) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("eval perplexity")
     ax.legend(fontsize=7, loc="upper right")
+
+
+def _plot_control(board: Leaderboard, ax) -> None:
+    """Eval change beside control change per trial: a gain bought by forgetting stands out."""
+    rows = [r for r in board.rows if _num(r.control_change) and _num(r.ppl_change)]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [100 * r.ppl_change for r in rows], width=0.4, label="eval change")
+    ax.bar([x + 0.2 for x in xs], [100 * r.control_change for r in rows], width=0.4, label="control change")
+    limit = board.selection.max_control_increase
+    if limit is not None:
+        ax.axhline(100 * limit, color="red", linestyle="--", linewidth=1, label="control limit")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(list(xs), [_label(board, r) for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("perplexity change vs base (%)")
+    ax.set_title("eval vs control change (lower is better)")
+    ax.legend(fontsize=7)
 
 
 def _label(board: Leaderboard, row: TrialRow) -> str:

@@ -94,6 +94,9 @@ class DataSpec:
     max_eval_examples: Optional[int] = _f(None, "Use at most this many eval examples.")
     seed: int = _f(42, "Seed for shuffling and the eval split.")
     cache_dir: str = _f("~/.cache/qlora-ray", "Where tokenized datasets and converted models are cached.")
+    test: Optional[str] = _f(None, "Held-out test data in the same forms: measured only for the selected best "
+                                   "trial and reported apart (the eval set selects, the test set reports).")
+    max_test_examples: Optional[int] = _f(None, "Use at most this many test examples.")
 
     def problems(self) -> Iterator[Problem]:
         if self.format not in DATA_FORMATS:
@@ -102,7 +105,7 @@ class DataSpec:
             yield "max_seq_len", f"must be >= 16, got {self.max_seq_len}"
         if not 0.0 <= self.eval_fraction < 1.0:
             yield "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}"
-        for key in ("max_train_examples", "max_eval_examples"):
+        for key in ("max_train_examples", "max_eval_examples", "max_test_examples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 yield key, f"must be >= 1 when set, got {value}"
@@ -128,6 +131,8 @@ class LoraSpec:
     dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
     target_modules: List[str] = _f(["all-linear"], "Modules to adapt: 'all-linear' or a list of module names.")
     rslora: bool = _f(False, "Rank-stabilized scaling alpha / sqrt(r).")
+    init: str = _f("default", "LoRA weight initialisation, passed to peft: default (B = 0), gaussian, orthogonal, "
+                              "nora, or loftq (with a 4-bit base: A and B start at the quantization error).")
 
     def problems(self) -> Iterator[Problem]:
         if self.r < 1:
@@ -138,6 +143,11 @@ class LoraSpec:
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
         if not self.target_modules:
             yield "target_modules", "must name at least one module (or 'all-linear')"
+        from qlora_ray.lora_init import init_problem
+
+        problem = init_problem(self.init)
+        if problem:
+            yield "init", problem
 
 
 @dataclass
@@ -225,6 +235,11 @@ class EvalSpec:
                                       "(0 is off).")
     seed: int = _f(0, "Seed for sampled replies (temperature > 0), so base and tuned draw alike and a re-run "
                       "gives the same replies.")
+    control: Optional[str] = _f(None, "A second eval set (file, glob or hf://) measured base vs tuned in every trial: "
+                                      "what the model should not forget (general chat).")
+    max_control_examples: Optional[int] = _f(None, "Use at most this many control examples.")
+    quantization_cost: bool = _f(True, "Also measure the base model unquantized (once, cached) and each trial's "
+                                       "change against it (with a quantized base).")
 
     def problems(self) -> Iterator[Problem]:
         for key in ("every_steps", "periodic_max_examples"):
@@ -237,6 +252,8 @@ class EvalSpec:
             yield "keep", "best picks among the periodic evals, but eval.every_steps is not set; set it or use keep: last"
         if self.every_steps is not None and not self.perplexity:
             yield "every_steps", "needs eval.perplexity: true (periodic evals measure perplexity)"
+        if self.max_control_examples is not None and self.max_control_examples < 1:
+            yield "max_control_examples", f"must be >= 1 when set, got {self.max_control_examples}"
         if self.max_new_tokens < 1:
             yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
         if not 0.0 <= self.temperature <= 100.0:
@@ -330,6 +347,20 @@ class SearchSpec:
             yield "seed", f"must be in [0, {SEED_MAX}], got {self.seed}"
         if not 1 <= self.seeds <= MAX_SEEDS:
             yield "seeds", f"must be in [1, {MAX_SEEDS}], got {self.seeds}"
+SELECT_METRICS = ("eval_ppl", "ppl_change", "control_ppl")
+
+
+@dataclass
+class ResultsSpec:
+    select: str = _f("eval_ppl", "What picks the best trial (lowest wins): eval_ppl, ppl_change or control_ppl.")
+    max_control_increase: Optional[float] = _f(None, "Pass over a trial whose control perplexity rose by more "
+                                                     "than this fraction (0.10 = 10%); needs eval.control.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.select not in SELECT_METRICS:
+            yield "select", f"'{self.select}' is not one of {', '.join(SELECT_METRICS)}"
+        if self.max_control_increase is not None and self.max_control_increase < 0:
+            yield "max_control_increase", f"must be >= 0 when set, got {self.max_control_increase}"
 
 
 @dataclass
@@ -352,6 +383,7 @@ class JobSpec:
     resources: ResourcesSpec = _sub(ResourcesSpec, "What each trial needs from the cluster.")
     output: OutputSpec = _sub(OutputSpec, "Where results go.")
     search: SearchSpec = _sub(SearchSpec, "How the sweep is searched and which trials are stopped early.")
+    results: ResultsSpec = _sub(ResultsSpec, "How the best trial is chosen.")
 
     def problems(self) -> Iterator[Problem]:
         seen = set()
@@ -372,6 +404,13 @@ class JobSpec:
         accel = (self.resources.accelerator_type or "").upper()
         if self.quantization.compute_dtype == "bf16" and accel in NO_BF16_ACCELERATORS:
             yield "quantization.compute_dtype", f"bf16 is not supported on {accel}; use auto or fp16"
+        for key, message in self.results.problems():
+            yield f"results.{key}", message
+        if self.results.max_control_increase is not None and not self.eval.control:
+            yield "results.max_control_increase", "needs a control set: set eval.control (or drop this key)"
+        if self.lora.init == "loftq" and self.quantization.mode not in ("nf4", "fp4"):
+            yield "lora.init", f"loftq starts the adapter at the 4-bit quantization error; with quantization.mode " \
+                               f"'{self.quantization.mode}' there is none (use nf4, or lora.init=default)"
 
     @property
     def experiment_dir(self) -> str:
@@ -381,7 +420,7 @@ class JobSpec:
 
 _SECTION_NAMES = {ModelSpec: "model", DataSpec: "data", QuantizationSpec: "quantization",
                   LoraSpec: "lora", TrainSpec: "train", EvalSpec: "eval",
-                  ResourcesSpec: "resources", OutputSpec: "output"}
+                  ResourcesSpec: "resources", OutputSpec: "output", ResultsSpec: "results"}
 _SECTION_NAMES[SearchSpec] = "search"
 
 
@@ -413,7 +452,7 @@ def name_problems(name: str, key: str = "name") -> Iterator[Problem]:
 def _number_problems(spec: "JobSpec") -> Iterator[Problem]:
     """Every number finite and within sane bounds; the sections check their own ranges after."""
     values = {}
-    for name in ("data", "lora", "train", "eval", "resources"):
+    for name in ("data", "lora", "train", "eval", "resources", "results"):
         section = getattr(spec, name)
         values.update({f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)})
     for key, value in values.items():
@@ -553,7 +592,8 @@ def _load_chain(path: Path, seen: tuple = ()) -> tuple[Dict[str, Any], Dict[str,
     return merged, {**parent_origin, **origin}
 
 
-_PATH_KEYS = ("data.train", "data.eval", "eval.prompts", "output.dir", "model.name", "data.cache_dir")
+_PATH_KEYS = ("data.train", "data.eval", "eval.prompts", "output.dir", "model.name", "data.cache_dir",
+              "data.test", "eval.control")
 
 
 def _is_uri(value: str) -> bool:
@@ -762,8 +802,8 @@ def project_root(start: Path) -> Path:
 
 
 def _file_problems(spec: JobSpec, path: Path, declared: Optional[str]) -> Iterator[Problem]:
-    for key in ("data.train", "data.eval"):
-        value = getattr(spec.data, key.split(".")[1])
+    for key in ("data.train", "data.eval", "data.test", "eval.control"):
+        value = _get(spec, key)
         if not value or value == "_missing_" or value.startswith("hf://"):
             continue
         files = [f for f in glob.glob(value, recursive=True) if os.path.isfile(f)]

@@ -171,9 +171,26 @@ def test_eval_command_measures_base_and_tuned_on_the_same_tokens(trial, tiny_dat
     # Any supported format: plain text rows (all tokens are targets).
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Chai peelo yaar", "Kal milte hain bhai"]))
-    out = runner.invoke(app, ["eval", str(folder / "adapter"), "--data", str(text)])
+    out = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["eval", str(folder / "adapter"), "--data", str(text)])
     assert out.exit_code == 0, out.output
-    assert "base" in out.output and "tuned" in out.output and "2 examples" in out.output
+    assert "base ppl" in out.output and "tuned ppl" in out.output and "text.jsonl" in out.output
+
+
+def test_eval_command_one_row_per_data_file(trial, tiny_data_dir, tmp_path):
+    folder, result = trial
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Chai peelo yaar", "Kal milte hain bhai"]))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    args = ["eval", str(folder), "--data", str(tiny_data_dir / "eval.jsonl"), "--data", str(text)]
+    out = runner.invoke(app, args + ["--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output[out.output.index("["):])
+    assert [r["data"] for r in rows] == [str(tiny_data_dir / "eval.jsonl"), str(text)]
+    assert rows[0]["tuned_ppl"] == pytest.approx(result.eval_ppl, rel=1e-5) and rows[1]["examples"] == 2
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0, table.output
+    lines = [ln for ln in table.output.splitlines() if "eval.jsonl" in ln or "text.jsonl" in ln]
+    assert len(lines) == 2 and f"{rows[1]['tuned_ppl']:.3f}" in lines[1]
 
 
 def test_eval_command_errors_exit_2(trial, tmp_path):

@@ -583,3 +583,20 @@ def test_forgetting_later_rows_rewrites_metrics_atomically(tmp_path, monkeypatch
     assert metrics.read_text() == original and sorted(p.name for p in trial.iterdir()) == ["metrics.jsonl"]
     checkpoint_module.forget_after(trial, 2)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_train_command_reports_the_test_set_apart(tiny_spec_file, tiny_data_dir):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet",
+                                 f"data.test={tiny_data_dir}/eval.jsonl", f"eval.control={tiny_data_dir}/train.jsonl",
+                                 "eval.max_control_examples=3"])
+    assert result.exit_code == 0, result.output
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    test = json.loads((exp / "test.json").read_text())
+    final = json.loads((exp / "tiny" / "result.json").read_text())["final"]
+    # The test file here is the eval file: the same tokens, so the same figures.
+    assert test["trial_id"] == "tiny" and test["tuned_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+    assert f"tuned {test['tuned_ppl']:.2f}" in result.output and "held out" in result.output
+    assert final["control_tokens"] > 0 and final["control_change"] == pytest.approx(
+        final["control_ppl"] / final["control_base_ppl"] - 1)
+    assert final["base_ppl_unquantized"] > 0 and "control change" in result.output

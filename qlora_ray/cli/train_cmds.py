@@ -107,6 +107,7 @@ def _train_one(chosen, spec, fresh: bool, quiet: bool) -> None:
     except training.NonFiniteLossError as e:
         raise UserError(f"trial {chosen.id}: {e}") from None
     console.print(_result_table(chosen.id, result))
+    _test_set(chosen, trial_dir, quiet)
     console.print(f"adapter: {result.adapter_dir}", highlight=False)
     if result.samples_file:
         console.print(f"samples: {result.samples_file}", highlight=False)
@@ -121,6 +122,24 @@ def _finished(trial_dir: Path, spec) -> bool:
     return final is not None and not (spec.train.max_steps and spec.train.max_steps > final.step)
 
 
+def _test_set(chosen, trial_dir: Path, quiet: bool) -> None:
+    """The trial on the held-out test set (``data.test``), reported apart; saved as ``<exp>/test.json``."""
+    import contextlib
+
+    from qlora_ray import layout
+    from qlora_ray.files import write_text
+    from qlora_ray.sets import measure_test
+
+    if not chosen.spec.data.test:
+        return
+    with contextlib.nullcontext() if quiet else err_console.status("measuring the test set..."):
+        figures = measure_test(trial_dir, chosen.id, chosen.spec.eval.batch_size)
+    write_text(trial_dir.parent / layout.TEST_FILE, figures.to_json() + "\n")
+    console.print(f"test set ({figures.data}, held out): base {figures.base_ppl:.2f} -> tuned "
+                  f"{figures.tuned_ppl:.2f} ({figures.change:+.1%}) over {figures.target_tokens:,} target tokens",
+                  highlight=False)
+
+
 def _result_table(trial_id: str, result) -> Table:
     table = Table(title=f"{trial_id}: done")
     table.add_column("metric")
@@ -131,6 +150,11 @@ def _result_table(trial_id: str, result) -> Table:
             ("tuned eval ppl", _fmt(result.eval_ppl, "{:.2f}")),
             ("ppl change", _fmt(result.ppl_change, "{:+.1%}")),
             ("eval target tokens", f"{result.eval_tokens:,}"),
+            ("base eval ppl unquantized", _fmt(getattr(result, "base_ppl_unquantized", None), "{:.2f}")),
+            ("change vs unquantized base", _fmt(getattr(result, "change_vs_unquantized", None), "{:+.1%}")),
+            ("control base ppl", _fmt(getattr(result, "control_base_ppl", None), "{:.2f}")),
+            ("control tuned ppl", _fmt(getattr(result, "control_ppl", None), "{:.2f}")),
+            ("control change", _fmt(getattr(result, "control_change", None), "{:+.1%}")),
             ("tokens/s", f"{result.tokens_per_s:,.0f}"),
             ("peak memory GiB", f"{result.peak_mem_gb:.2f}"),
             ("train s", f"{result.train_s:.0f}"),
@@ -164,8 +188,9 @@ def _say_base(target: Path, trust_remote_code: bool) -> Path:
 def eval_(
     target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN",
                                   help="An adapter folder, a trial folder, or an experiment folder (its best trial)."),
-    data_file: str = typer.Option(..., "--data", help="Data to measure on: a .jsonl/.json/.csv/.parquet "
-                                  "file or glob, or hf://org/name[:split], in any supported format."),
+    data_files: List[str] = typer.Option(..., "--data", help="Data to measure on: a .jsonl/.json/.csv/.parquet "
+                                         "file or glob, or hf://org/name[:split], in any supported format. "
+                                         "Repeat for several sets: one row each."),
     fmt: str = typer.Option("auto", "--format", help="Row format: auto, messages, alpaca, prompt_response, text."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most this many examples."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
@@ -176,34 +201,35 @@ def eval_(
                                            "adapter's spec says: only for a model you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
+    """Perplexity of an adapter and of its base model on the same target tokens of any datasets.
 
     The base model's figures come from the cache when any run measured them on the same tokens.
 
     Examples:
       qlora-ray eval runs/hinglish_smoke/hinglish_smoke --data data/hinglish/eval.jsonl
-      qlora-ray eval runs/hinglish_smoke --data ../shared/data/hinglish-real/hinglish_real.jsonl
+      qlora-ray eval runs/hinglish_smoke --data data/hinglish/test.jsonl --data data/control/chat_en.jsonl
     """
-    from qlora_ray.adapters import eval_data, evaluate_adapter
+    from qlora_ray.adapters import eval_data, evaluate_adapter_on
 
     _quiet_libraries()
     _say_base(target, trust_remote_code)
-    result = evaluate_adapter(target, lambda spec: eval_data(spec, data_file, fmt, max_examples, max_seq_len),
-                              batch_size, status=err_console.status, bar=None if quiet else _token_bar,
-                              trust_remote_code=trust_remote_code)
+    results = evaluate_adapter_on(
+        target, [(lambda spec, f=f: eval_data(spec, f, fmt, max_examples, max_seq_len)) for f in data_files],
+        batch_size, status=err_console.status, bar=None if quiet else _token_bar,
+        trust_remote_code=trust_remote_code)
     if as_json:
-        console.print_json(json.dumps(dataclasses.asdict(result)))
+        payload = [dataclasses.asdict(r) for r in results]
+        console.print_json(json.dumps(payload[0] if len(payload) == 1 else payload))
         return
-    table = Table(title=f"perplexity on {data_file}")
-    table.add_column("model")
-    table.add_column("ppl", justify="right")
-    cached = ", cached" if result.base_cached else ""
-    table.add_row(f"base ({result.base_model}, {result.quantization}{cached})", f"{result.base_ppl:.3f}")
-    table.add_row(f"tuned ({result.adapter})", f"{result.tuned_ppl:.3f}")
+    first = results[0]
+    table = Table(title=f"perplexity of {first.adapter} and its base ({first.base_model}, {first.quantization})")
+    for name, justify in (("data", "left"), ("examples", "right"), ("target tokens", "right"),
+                          ("base ppl", "right"), ("tuned ppl", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)
+    for name, r in zip(data_files, results):
+        table.add_row(name + (f" ({r.skipped} rows skipped)" if r.skipped else ""), f"{r.examples:,}",
+                      f"{r.target_tokens:,}", f"{r.base_ppl:.3f}" + (" (cached)" if r.base_cached else ""), f"{r.tuned_ppl:.3f}", f"{r.ppl_change:+.1%}")
     console.print(table)
-    console.print(f"change {result.ppl_change:+.1%} over {result.target_tokens:,} target tokens in "
-                  f"{result.examples} examples" + (f" ({result.skipped} rows skipped)" if result.skipped else ""),
-                  highlight=False)
 
 
 def _token_bar(total: int, label: str):

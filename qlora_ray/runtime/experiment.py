@@ -7,6 +7,7 @@ display and the grid call it. It needs no Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import datetime
@@ -26,7 +27,7 @@ from qlora_ray.storage import Storage
 log = logging.getLogger(__name__)
 
 # Keys of the spec that may change between submissions of one experiment.
-MUTABLE_KEYS = ("sweep", "resources", "output", "search")
+MUTABLE_KEYS = ("sweep", "resources", "output", "search", "results")
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -81,6 +82,7 @@ def record_experiment(storage: Storage, spec: JobSpec, spec_path: Path, trials: 
     keys = list(trials[0].values) if trials else list(spec.sweep)
     plan.name, plan.spec_file, plan.sweep_keys = spec.name, str(spec_path), keys
     plan.trials, plan.updated, plan.submits = list(known.values()), now(), plan.submits + 1
+    plan.select = dataclasses.asdict(spec.results)
     if cluster is not None:
         plan.address, plan.dashboard, plan.ray_logs = cluster.address, cluster.dashboard_url, cluster.log_dir
     storage.write_record(layout.EXPERIMENT_FILE, plan)

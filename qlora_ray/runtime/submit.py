@@ -21,6 +21,7 @@ from qlora_ray.runtime.baseline import finish_baseline, start_baseline
 from qlora_ray.runtime.capacity import check_resources, room_for_baseline
 from qlora_ray.runtime.connect import ConnectOptions, connect
 from qlora_ray.runtime.grid import run_grid
+from qlora_ray.runtime.held_out import measure_best_on_test
 from qlora_ray.runtime.trial import Sweep
 from qlora_ray.spec import load_spec
 from qlora_ray import layout
@@ -76,6 +77,7 @@ def _run(spec, spec_path: Path, trials, storage: Storage, options: ConnectOption
                           faults=faults.installed())
             run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo))
             finish_baseline(ref, storage, say)
+            measure_best_on_test(spec, storage, say)
 
 
 def _say_where(cluster, storage: Storage, say: Callable[[str], None]) -> None:

@@ -247,6 +247,7 @@ class Trainer:
                 samples = str(write_samples(self.trial_dir / layout.SAMPLES_FILE, tuned.prompts, baseline.replies,
                                             tuned.replies, describe_decoding(spec.eval)))
         base_ppl, eval_ppl = baseline.perplexity, tuned.perplexity
+        extra = self._side_figures(eval_ppl)
         result = FitResult(
             step=state.step, total_steps=self.total, train_loss=state.last_loss, eval_ppl=eval_ppl,
             base_ppl=base_ppl, ppl_change=(eval_ppl / base_ppl - 1.0) if eval_ppl and base_ppl else None,
@@ -254,10 +255,29 @@ class Trainer:
             peak_mem_gb=peak_memory_gb(self.device), wall_s=self._wall(), train_s=state.train_s,
             adapter_dir=str(adapter_dir), samples_file=samples,
             gradient_checkpointing=gradient_checkpointing_on(model), epoch=self._epoch(),
-            best_step=state.best_step if best else None)
+            best_step=state.best_step if best else None, **extra)
         with disk_full_as(layout.RESULT_FILE, self.trial_dir):
             write_text(self.trial_dir / layout.RESULT_FILE, TrialResult(final=result).to_json() + "\n")
         return result
+
+    def _side_figures(self, eval_ppl: Optional[float]) -> Dict:
+        """The control set (base vs tuned) and the unquantized base: FinalMetrics fields."""
+        from qlora_ray import sets
+
+        out: Dict = {}
+        if self.spec.eval.control:
+            self.say("measuring base and tuned model on the control set ...")
+            c = sets.measure_control(self.parts.model, self.tokenizer, self.spec, self.parts.compute_dtype,
+                                     self.device)
+            out.update(control_base_ppl=c.base_ppl, control_ppl=c.tuned_ppl, control_change=c.change,
+                       control_tokens=c.tokens)
+        if sets.measures_quantization_cost(self.spec):
+            self.say("measuring the unquantized base model (once per base and eval set) ...")
+            full = sets.unquantized_base(self.spec, self.tokenizer, self.prepared, self.device)
+            out["base_ppl_unquantized"] = full
+            if full and eval_ppl:
+                out["change_vs_unquantized"] = eval_ppl / full - 1.0
+        return out
 
 
 def _say(message: str) -> None:
