@@ -227,6 +227,13 @@ class TrialStatus(Record):
 
 
 @dataclass
+class TrackingNote(Record):
+    """``<trial>/tracking.json``: what the experiment trackers could not log (training went on)."""
+
+    errors: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrialEvent(Record):
     """A line of ``<trial>/events.jsonl``: a worker started (where, resuming from what)."""
 

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -206,6 +207,7 @@ class EvalSpec:
 
 
 RUNNERS = ("train", "tune")
+WANDB_MODES = ("offline", "online")
 
 
 @dataclass
@@ -240,6 +242,42 @@ class ResourcesSpec:
 
 
 @dataclass
+class MLflowSpec:
+    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (a server such as http://127.0.0.1:5000, or a local "
+                                           "store such as file:./mlruns); set it to log each trial as an MLflow run. "
+                                           "Needs pip install 'qlora-ray[mlflow]'.")
+    experiment: Optional[str] = _f(None, "MLflow experiment the runs go to; null: the job's name.")
+
+
+@dataclass
+class WandbSpec:
+    project: Optional[str] = _f(None, "Weights & Biases project; set it to log each trial as a W&B run. "
+                                      "Needs pip install 'qlora-ray[wandb]'.")
+    mode: str = _f("offline", "offline (files under the experiment folder; `wandb sync` uploads them later) "
+                              "or online.")
+
+
+@dataclass
+class TrackingSpec:
+    tensorboard: bool = _f(False, "TensorBoard event files, one folder per trial under <experiment>/tensorboard/. "
+                                  "Needs pip install 'qlora-ray[tensorboard]' (tensorboardX; Ray ships it).")
+    mlflow: MLflowSpec = _sub(MLflowSpec, "MLflow: one run per trial.")
+    wandb: WandbSpec = _sub(WandbSpec, "Weights & Biases: one run per trial.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.wandb.mode not in WANDB_MODES:
+            yield "wandb.mode", f"'{self.wandb.mode}' is not one of {', '.join(WANDB_MODES)}"
+        if self.mlflow.experiment is not None and self.mlflow.tracking_uri is None:
+            yield "mlflow.tracking_uri", "is required when mlflow.experiment is set (e.g. file:./mlruns)"
+        wanted = [("tensorboard", self.tensorboard, "tensorboardX", "tensorboard"),
+                  ("mlflow", self.mlflow.tracking_uri is not None, "mlflow", "mlflow"),
+                  ("wandb", self.wandb.project is not None, "wandb", "wandb")]
+        for key, on, module, extra in wanted:
+            if on and importlib.util.find_spec(module) is None:
+                yield key, f"the {module} package is not installed; pip install 'qlora-ray[{extra}]'"
+
+
+@dataclass
 class OutputSpec:
     dir: str = _f("runs", "Where experiments are written: a path (relative to the spec) or a storage URI (s3://, gs://).")
 
@@ -257,6 +295,7 @@ class JobSpec:
     sweep: Dict[str, List[Any]] = _f({}, "Grid: dotted spec path -> list of values; trials are the product.")
     resources: ResourcesSpec = _sub(ResourcesSpec, "What each trial needs from the cluster.")
     output: OutputSpec = _sub(OutputSpec, "Where results go.")
+    tracking: TrackingSpec = _sub(TrackingSpec, "Experiment trackers each trial logs to (MLflow, W&B, TensorBoard).")
 
     def problems(self) -> Iterator[Problem]:
         seen = set()
@@ -269,7 +308,7 @@ class JobSpec:
         yield from name_problems(self.name)
         yield from _number_problems(self)
         for section in (self.model, self.data, self.quantization, self.lora, self.train,
-                        self.eval, self.resources):
+                        self.eval, self.resources, self.tracking):
             prefix = _SECTION_NAMES[type(section)]
             for key, message in section.problems():
                 yield f"{prefix}.{key}", message
@@ -285,7 +324,9 @@ class JobSpec:
 
 _SECTION_NAMES = {ModelSpec: "model", DataSpec: "data", QuantizationSpec: "quantization",
                   LoraSpec: "lora", TrainSpec: "train", EvalSpec: "eval",
-                  ResourcesSpec: "resources", OutputSpec: "output"}
+                  ResourcesSpec: "resources", OutputSpec: "output", TrackingSpec: "tracking"}
+# Mappings nested inside a section, checked and flattened like the sections themselves.
+_SUBSECTIONS = {"tracking.mlflow": MLflowSpec, "tracking.wandb": WandbSpec}
 
 
 def name_problems(name: str, key: str = "name") -> Iterator[Problem]:
@@ -340,6 +381,8 @@ def leaf_paths(cls: type = JobSpec, prefix: str = "") -> Dict[str, dataclasses.F
         path = f"{prefix}{name}"
         if cls is JobSpec and name in _SECTION_NAMES.values():
             out.update(leaf_paths(_section_class(name), path + "."))
+        elif path in _SUBSECTIONS:
+            out.update(leaf_paths(_SUBSECTIONS[path], path + "."))
         else:
             out[path] = f
     return out
@@ -362,13 +405,18 @@ def _unknown_keys(raw: Dict[str, Any], cls: type, prefix: str) -> Iterator[Probl
                 yield path, f"must be a mapping of {key} settings, got {type(value).__name__}"
             else:
                 yield from _unknown_keys(value, _section_class(key), path + ".")
+        elif f"{prefix}{key}" in _SUBSECTIONS:
+            if not isinstance(value, dict):
+                yield path, f"must be a mapping of {key} settings, got {type(value).__name__}"
+            else:
+                yield from _unknown_keys(value, _SUBSECTIONS[f"{prefix}{key}"], path + ".")
 
 
 def _flatten(raw: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path in _SECTION_NAMES.values():
+        if isinstance(value, dict) and (path in _SECTION_NAMES.values() or path in _SUBSECTIONS):
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value

@@ -25,7 +25,7 @@ from qlora_ray.storage import Storage
 log = logging.getLogger(__name__)
 
 # Keys of the spec that may change between submissions of one experiment.
-MUTABLE_KEYS = ("sweep", "resources", "output")
+MUTABLE_KEYS = ("sweep", "resources", "output", "tracking")
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:

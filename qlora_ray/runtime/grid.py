@@ -4,7 +4,7 @@ at most as many at once as fit, with the progress display and the status bookkee
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Sequence
 
 from ray import tune
 
@@ -26,7 +26,8 @@ def stamp_crashed(exp: str, trial_id: str, error_text: str) -> TrialStatus:
     return experiment.mark_failed(Storage(exp), trial_id, why)
 
 
-def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: int = 0) -> None:
+def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: int = 0,
+             callbacks: Sequence[tune.Callback] = ()) -> None:
     """Run every trial of ``sweep`` (each a TorchTrainer, or its own trainer with runner tune);
     returns when all have ended."""
     todo: List[Trial] = list(sweep.trials.values())
@@ -45,7 +46,7 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
             trial_name_creator=lambda t: t.config["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress],
+            name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress, *callbacks],
             # Runner train: Ray Train restarts a dead worker; a Tune retry would start it twice over.
             failure_config=tune.FailureConfig(
                 max_failures=spec.resources.max_failures if spec.resources.runner == "tune" else 0),

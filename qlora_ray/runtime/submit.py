@@ -19,6 +19,7 @@ from qlora_ray.runtime.baseline import finish_baseline, start_baseline
 from qlora_ray.runtime.capacity import check_resources, room_for_baseline
 from qlora_ray.runtime.connect import ConnectOptions, connect
 from qlora_ray.runtime.grid import run_grid
+from qlora_ray.runtime.tracking import tracking_callback
 from qlora_ray.runtime.trial import Sweep
 from qlora_ray.spec import load_spec
 from qlora_ray import layout
@@ -52,6 +53,7 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
     storage = experiment.open_experiment(spec, fresh, say)
     say(f"experiment: {storage.root} ({len(trials)} trial(s))")
     todo = [t for t in trials if not experiment.is_finished(storage, t.id)]
+    tracker = None
     if not todo:
         say(f"all {len(trials)} trial(s) already finished; nothing to run (use --fresh to start over)")
     else:
@@ -64,9 +66,15 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
             sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo},
                           baseline=storage.read_text(layout.BASELINE_FILE), baseline_ref=ref,
                           faults=faults.installed())
-            run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo))
+            tracker = tracking_callback(spec, todo, storage.root)
+            run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo),
+                     callbacks=[tracker] if tracker else [])
             finish_baseline(ref, storage, say)
-    return SubmitOutcome(board=write_results(storage.root), exp=storage.root, planned=[t.id for t in trials])
+    board = write_results(storage.root)
+    if tracker is not None and tracker.finish():
+        say("tracking failed for some trials (training went on); see the leaderboard's status column")
+        board = write_results(storage.root)  # the notes join the leaderboard
+    return SubmitOutcome(board=board, exp=storage.root, planned=[t.id for t in trials])
 
 
 def _say_where(cluster, storage: Storage, say: Callable[[str], None]) -> None:
