@@ -185,6 +185,7 @@ class TrialResult(Record):
     final: Optional[FinalMetrics] = None
     error: Optional[str] = None
     timing: Optional[Timing] = None
+    stopped: Optional[str] = None  # why training stopped early at a checkpoint (a resume continues it)
 
 
 @dataclass

@@ -223,8 +223,19 @@ class ResourcesSpec:
                               "restarts a dead worker) or tune (the trial's Tune process trains itself; Tune "
                               "restarts it). tune starts each trial about 20 s sooner: for short trials and "
                               "dense sweeps.")
+    time_budget: Optional[str] = _f(None, "Wall time a submit may use, from its start (e.g. 11h30m for a Kaggle "
+                                          "session, 90s): when less than one step plus one checkpoint is left, "
+                                          "every trial saves a checkpoint and stops (stopped: time budget), submit "
+                                          "exits 3 and prints the command that resumes. null: no limit.")
 
     def problems(self) -> Iterator[Problem]:
+        if self.time_budget is not None:
+            from qlora_ray.budget import parse_duration
+
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                yield "time_budget", str(e)
         if self.runner not in RUNNERS:
             yield "runner", f"'{self.runner}' is not one of {', '.join(RUNNERS)}"
         if self.gpus_per_trial < 0:

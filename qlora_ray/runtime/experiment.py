@@ -139,6 +139,8 @@ def mark_ended(storage: Storage, run: TrialRun, result: Optional[TrialResult], e
                                    teardown_s=round(ended - timing.fit_ended, 2))
     status.status = TrialState.FAILED if error else TrialState.FINISHED
     status.reason, status.ended_at = error, now()
+    if not error and result is not None and result.stopped:  # at a checkpoint; a re-submit resumes it
+        status.status, status.reason = TrialState.STOPPED, result.stopped
     status.attempts = count_starts(storage, status.trial_id)
     _write(storage, status)
     return status

@@ -8,11 +8,13 @@ Ray Train restores each from its last reported checkpoint. ``--fresh`` moves the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List
 
 from qlora_ray import results
+from qlora_ray.budget import TIME_BUDGET, Deadline
 from qlora_ray.plan import expand
 from qlora_ray.runtime import experiment, faults
 from qlora_ray.runtime.baseline import finish_baseline, start_baseline
@@ -40,10 +42,17 @@ class SubmitOutcome:
         planned = set(self.planned)
         return [row for row in self.board.rows if row.trial_id in planned and row.status != results.FINISHED]
 
+    @property
+    def out_of_time(self) -> List[results.TrialRow]:
+        """Rows of this spec's trials that the time budget stopped at a checkpoint."""
+        return [row for row in self.unfinished
+                if row.status == results.STOPPED and (row.reason or "").startswith(TIME_BUDGET)]
+
 
 def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptions = ConnectOptions(),
            fresh: bool = False) -> SubmitOutcome:
     """Run (or resume) the experiment of ``spec_path`` in the foreground."""
+    started = time.time()  # the time budget runs from here
     spec = load_spec(spec_path, overrides)
     trials = expand(spec)
 
@@ -65,7 +74,7 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
             ref = start_baseline(spec, storage, say, alongside=room_for_baseline(spec, cluster, len(todo)))
             sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo},
                           baseline=storage.read_text(layout.BASELINE_FILE), baseline_ref=ref,
-                          faults=faults.installed())
+                          faults=faults.installed(), deadline=Deadline.after(spec.resources.time_budget, started))
             tracker = tracking_callback(spec, todo, storage.root)
             run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo),
                      callbacks=[tracker] if tracker else [])

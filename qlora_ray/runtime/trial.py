@@ -29,6 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from qlora_ray import layout
 from qlora_ray.errors import UserError
+from qlora_ray.budget import Deadline
 from qlora_ray.plan import Trial
 from qlora_ray.records import Baseline, Timing, TrialEvent, TrialResult, now, to_line
 from qlora_ray.runtime import experiment
@@ -58,6 +59,7 @@ class TrialConfig:
     baseline: Optional[str] = None                  # the base figures (JSON) an earlier submit saved
     baseline_ref: Optional[ray.ObjectRef] = None    # else the base-model task running alongside
     faults: FaultPlan = NO_FAULTS
+    deadline: Optional[Deadline] = None             # the submit's time budget
 
 
 @dataclass
@@ -69,10 +71,11 @@ class Sweep:
     baseline: Optional[str] = None
     baseline_ref: Optional[ray.ObjectRef] = None
     faults: FaultPlan = NO_FAULTS
+    deadline: Optional[Deadline] = None
 
     def config(self, trial_id: str) -> TrialConfig:
         return TrialConfig(trial=self.trials[trial_id], exp=self.exp, baseline=self.baseline,
-                           baseline_ref=self.baseline_ref, faults=self.faults)
+                           baseline_ref=self.baseline_ref, faults=self.faults, deadline=self.deadline)
 
 
 # ---------------------------------------------------------------- the worker
@@ -145,7 +148,10 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
             outcome.final = train.fit(trial.spec, reporter, train.RunContext(
                 trial_dir=str(trial_dir), resume_from=resume_from, baseline=baseline,
                 base_figures=None if baseline else base_figures(config.baseline_ref),
-                gpu_memory_fraction=gpus if 0 < gpus < 1 else None))
+                gpu_memory_fraction=gpus if 0 < gpus < 1 else None,
+                should_stop=config.deadline.should_stop if config.deadline else None))
+        except train.Stopped as e:  # at a checkpoint it reported: the next submit resumes there
+            outcome.stopped = str(e)
         except (UserError, train.NonFiniteLossError, train.OutOfMemory) as e:
             # Deterministic: a retry would fail the same way. End the run with the reason instead
             # of raising (which would make Ray Train restart the worker max_failures times).
@@ -199,7 +205,7 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
         else:
             _torch_trainer(config, storage).fit()
         result = storage.read_record(TrialResult, layout.trial_file(trial.id, layout.RESULT_FILE))
-        error = None if result and result.final else (result and result.error) or \
+        error = None if result and (result.final or result.stopped) else (result and result.error) or \
             "training ended without a final report"
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
         if trial.spec.resources.runner == "tune":
@@ -207,5 +213,5 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
         error = experiment.reason(e)
     status = experiment.mark_ended(storage, run, result, error)
     final = result.final if result else None
-    tune.report({"trial_state": status.status.value, "reason": error or "",
+    tune.report({"trial_state": status.status.value, "reason": status.reason or "",
                  "eval_ppl": final.eval_ppl if final else None})

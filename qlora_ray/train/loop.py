@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from qlora_ray import data, layout
+from qlora_ray.budget import TIME_BUDGET
 from qlora_ray.errors import UserError
 from qlora_ray.evaluate import measure, write_samples
 from qlora_ray.files import write_text
@@ -56,6 +57,13 @@ class RunContext:
     # Share of the GPU's memory this process may take (several trials on one GPU): beyond it
     # a step runs out of memory here instead of starving its neighbours.
     gpu_memory_fraction: Optional[float] = None
+    # Asked after each step with the seconds one more step plus one checkpoint take (as measured
+    # here): True means the time is up, so the trial checkpoints and raises :class:`Stopped`.
+    should_stop: Optional[Callable[[float], bool]] = None
+
+
+class Stopped(Exception):
+    """Training stopped early at a checkpoint it just saved (``str``: why); a resume continues it."""
 
 
 def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
@@ -77,6 +85,8 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.baseline = run.baseline
         self.epoch_len = 1
+        self.step_s = 0.0                          # the slowest step so far
+        self.checkpoint_s: Optional[float] = None  # the slowest checkpoint save so far
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -157,9 +167,18 @@ class Trainer:
         if state.batch >= self.epoch_len:
             state.epoch, state.batch = state.epoch + 1, 0
         self.bar.update(1)
-        save = state.step % t.checkpoint_every == 0 or state.step == self.total
+        self.step_s = max(self.step_s, elapsed)
+        out_of_time = state.step < self.total and self._out_of_time()
+        save = out_of_time or state.step % t.checkpoint_every == 0 or state.step == self.total
         if save or state.step % t.log_every == 0:
             self._log(lr, save)
+        if out_of_time:
+            raise Stopped(TIME_BUDGET)
+
+    def _out_of_time(self) -> bool:
+        # A checkpoint not yet timed counts as one more step.
+        margin = self.step_s + (self.checkpoint_s if self.checkpoint_s is not None else self.step_s)
+        return self.run.should_stop is not None and self.run.should_stop(margin)
 
     def _log(self, lr: float, save: bool) -> None:
         # The row (which resets the running window) comes before the checkpoint, so a resumed
@@ -169,7 +188,9 @@ class Trainer:
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
+            tick = time.perf_counter()
             ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts))
+            self.checkpoint_s = max(self.checkpoint_s or 0.0, time.perf_counter() - tick)
         self.bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
         with open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(to_line(row))
