@@ -24,7 +24,11 @@ needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
 
 
 def _runs(store: Path, experiment: str):
+    import os
+
     from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind this
 
     client = MlflowClient(tracking_uri=f"file:{store}")
     exp = client.get_experiment_by_name(experiment)

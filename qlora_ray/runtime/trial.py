@@ -35,6 +35,7 @@ from qlora_ray.records import Baseline, Timing, TrialEvent, TrialResult, now, to
 from qlora_ray.runtime import experiment
 from qlora_ray.runtime.baseline import base_figures
 from qlora_ray.runtime.faults import NO_FAULTS, FaultPlan
+from qlora_ray.runtime.metrics import TrialGauges
 from qlora_ray.storage import Storage
 
 
@@ -99,9 +100,11 @@ class _Reporter:
 
     def __init__(self, config: TrialConfig, session: TrialSession, storage: Storage, trial_dir: Path):
         self.config, self.session, self.storage, self.trial_dir = config, session, storage, trial_dir
+        self.gauges = TrialGauges(config.trial.id, config.trial.spec.name)
 
     def __call__(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
         self.config.faults.at_step(metrics.get("step"), self.trial_dir)
+        self.gauges.update(metrics)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.session.report(metrics, checkpoint=checkpoint)
         self.sync(full=False)
@@ -157,6 +160,8 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
             # of raising (which would make Ray Train restart the worker max_failures times).
             outcome.error = f"{type(e).__name__}: {e}"
     outcome.timing = Timing(worker_entered=entered, fit_started=fit_started, fit_ended=time.time())
+    if outcome.final is not None:
+        reporter.gauges.final(outcome.final.eval_ppl)
     reporter.sync(full=True)
     # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
     # outcome itself, so it travels through storage (the final figures are stored only here).
