@@ -115,3 +115,24 @@ def test_a_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(tiny_spec_file
     for tid in board:
         assert len(list((exp / layout.TENSORBOARD_DIR / tid).glob("events.out.tfevents.*"))) == 1
         assert not (exp / tid / layout.TRACKING_FILE).exists()
+
+
+@needs_mlflow
+def test_qlora_ray_train_logs_to_the_same_trackers(tiny_spec_file):
+    from typer.testing import CliRunner
+
+    from qlora_ray.cli import app
+
+    store = tiny_spec_file.parent / "mlruns"
+    result = CliRunner().invoke(app, ["train", str(tiny_spec_file), "--quiet", f"tracking.mlflow.tracking_uri=file:{store}",
+                                      "tracking.mlflow.experiment=solo", "tracking.tensorboard=true"])
+    assert result.exit_code == 0, result.output
+    trial = tiny_spec_file.parent / "runs" / "tiny" / "tiny"
+    final = json.loads((trial / layout.RESULT_FILE).read_text())["final"]
+    client, runs = _runs(store, "solo")
+    (run,) = runs
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED" and run.data.params["lora.r"] == "4"
+    assert run.data.metrics["final.eval_ppl"] == pytest.approx(final["eval_ppl"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert "samples.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert len(list((trial.parent / layout.TENSORBOARD_DIR / "tiny").glob("events.out.tfevents.*"))) == 1
