@@ -8,7 +8,6 @@ statuses, never on the clock."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
