@@ -34,7 +34,9 @@ RAY_DIR = "_ray"
 RAY_TRAIN_DIR = f"{RAY_DIR}/train"
 RUNS_DIR = "runs"  # where a bare experiment name is looked for
 # Folders of an experiment that are never trials.
-NOT_TRIALS = frozenset({RAY_DIR, BEST_LINK})
+TENSORBOARD_DIR = "tensorboard"  # one folder per trial: point `tensorboard --logdir` here
+WANDB_DIR = "wandb"              # W&B's offline runs (`wandb sync` uploads them)
+NOT_TRIALS = frozenset({RAY_DIR, BEST_LINK, TENSORBOARD_DIR, WANDB_DIR})
 
 # ---------------------------------------------------------------- trial folder
 STATUS_FILE = "status.json"
@@ -45,6 +47,7 @@ RESOLVED_SPEC_FILE = "resolved_spec.yaml"
 SAMPLES_FILE = "samples.md"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+TRACKING_FILE = "tracking.json"  # what the experiment trackers could not log
 # A trial folder holds at least one of these once it has started.
 TRIAL_MARKERS = (STATUS_FILE, METRICS_FILE, RESOLVED_SPEC_FILE)
 

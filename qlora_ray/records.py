@@ -201,6 +201,7 @@ class TrialResult(Record):
     final: Optional[FinalMetrics] = None
     error: Optional[str] = None
     timing: Optional[Timing] = None
+    stopped: Optional[str] = None  # why training stopped early at a checkpoint (a resume continues it)
 
 
 @dataclass
@@ -255,6 +256,13 @@ class TrialStatus(Record):
     overhead: Optional[Overhead] = None
     pruned_step: Optional[int] = None        # the step the scheduler stopped it at
     pruned_eval_ppl: Optional[float] = None  # and its periodic eval perplexity there
+
+
+@dataclass
+class TrackingNote(Record):
+    """``<trial>/tracking.json``: what the experiment trackers could not log (training went on)."""
+
+    errors: List[str] = field(default_factory=list)
 
 
 @dataclass

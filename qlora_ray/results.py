@@ -125,6 +125,14 @@ def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _with_tracking(reason: Optional[str], folder: Path) -> Optional[str]:
+    """A trial's reason, plus what its experiment trackers could not log."""
+    note = records.TrackingNote.read(folder / layout.TRACKING_FILE)
+    if note is None or not note.errors:
+        return reason
+    return "; ".join(filter(None, [reason, "tracking failed: " + "; ".join(note.errors)]))
+
+
 def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRow:
     """A leaderboard row from one trial folder (whatever it holds so far)."""
     status = records.TrialStatus.read(folder / layout.STATUS_FILE)
@@ -145,7 +153,7 @@ def read_trial(folder: Path, values: Optional[Dict[str, Any]] = None) -> TrialRo
         trial_id=(status.trial_id if status else None) or folder.name,
         values=(status.values if status else None) or values or {},
         status=state.value,
-        reason=status.reason if status else None,
+        reason=_with_tracking(status.reason if status else None, folder),
         step=latest.step if latest else None,
         total_steps=(latest.total_steps if latest else None) or (status.total_steps if status else None),
         base_ppl=final.base_ppl if final else None,

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -274,6 +275,7 @@ class EvalSpec:
 
 RUNNERS = ("train", "tune")
 EVAL_KEEP = ("last", "best")
+WANDB_MODES = ("offline", "online")
 
 
 @dataclass
@@ -289,8 +291,19 @@ class ResourcesSpec:
                               "restarts a dead worker) or tune (the trial's Tune process trains itself; Tune "
                               "restarts it). tune starts each trial about 20 s sooner: for short trials and "
                               "dense sweeps.")
+    time_budget: Optional[str] = _f(None, "Wall time a submit may use, from its start (e.g. 11h30m for a Kaggle "
+                                          "session, 90s): when less than one step plus one checkpoint is left, "
+                                          "every trial saves a checkpoint and stops (stopped: time budget), submit "
+                                          "exits 3 and prints the command that resumes. null: no limit.")
 
     def problems(self) -> Iterator[Problem]:
+        if self.time_budget is not None:
+            from qlora_ray.budget import parse_duration
+
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                yield "time_budget", str(e)
         if self.runner not in RUNNERS:
             yield "runner", f"'{self.runner}' is not one of {', '.join(RUNNERS)}"
         if self.gpus_per_trial < 0:
@@ -364,6 +377,42 @@ class ResultsSpec:
 
 
 @dataclass
+class MLflowSpec:
+    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (a server such as http://127.0.0.1:5000, or a local "
+                                           "store such as file:./mlruns); set it to log each trial as an MLflow run. "
+                                           "Needs pip install 'qlora-ray[mlflow]'.")
+    experiment: Optional[str] = _f(None, "MLflow experiment the runs go to; null: the job's name.")
+
+
+@dataclass
+class WandbSpec:
+    project: Optional[str] = _f(None, "Weights & Biases project; set it to log each trial as a W&B run. "
+                                      "Needs pip install 'qlora-ray[wandb]'.")
+    mode: str = _f("offline", "offline (files under the experiment folder; `wandb sync` uploads them later) "
+                              "or online.")
+
+
+@dataclass
+class TrackingSpec:
+    tensorboard: bool = _f(False, "TensorBoard event files, one folder per trial under <experiment>/tensorboard/. "
+                                  "Needs pip install 'qlora-ray[tensorboard]' (tensorboardX; Ray ships it).")
+    mlflow: MLflowSpec = _sub(MLflowSpec, "MLflow: one run per trial.")
+    wandb: WandbSpec = _sub(WandbSpec, "Weights & Biases: one run per trial.")
+
+    def problems(self) -> Iterator[Problem]:
+        if self.wandb.mode not in WANDB_MODES:
+            yield "wandb.mode", f"'{self.wandb.mode}' is not one of {', '.join(WANDB_MODES)}"
+        if self.mlflow.experiment is not None and self.mlflow.tracking_uri is None:
+            yield "mlflow.tracking_uri", "is required when mlflow.experiment is set (e.g. file:./mlruns)"
+        wanted = [("tensorboard", self.tensorboard, "tensorboardX", "tensorboard"),
+                  ("mlflow", self.mlflow.tracking_uri is not None, "mlflow", "mlflow"),
+                  ("wandb", self.wandb.project is not None, "wandb", "wandb")]
+        for key, on, module, extra in wanted:
+            if on and importlib.util.find_spec(module) is None:
+                yield key, f"the {module} package is not installed; pip install 'qlora-ray[{extra}]'"
+
+
+@dataclass
 class OutputSpec:
     dir: str = _f("runs", "Where experiments are written: a path (relative to the spec) or a storage URI (s3://, gs://).")
 
@@ -384,6 +433,7 @@ class JobSpec:
     output: OutputSpec = _sub(OutputSpec, "Where results go.")
     search: SearchSpec = _sub(SearchSpec, "How the sweep is searched and which trials are stopped early.")
     results: ResultsSpec = _sub(ResultsSpec, "How the best trial is chosen.")
+    tracking: TrackingSpec = _sub(TrackingSpec, "Experiment trackers each trial logs to (MLflow, W&B, TensorBoard).")
 
     def problems(self) -> Iterator[Problem]:
         seen = set()
@@ -396,7 +446,7 @@ class JobSpec:
         yield from name_problems(self.name)
         yield from _number_problems(self)
         for section in (self.model, self.data, self.quantization, self.lora, self.train,
-                        self.eval, self.resources):
+                        self.eval, self.resources, self.tracking):
             prefix = _SECTION_NAMES[type(section)]
             for key, message in section.problems():
                 yield f"{prefix}.{key}", message
@@ -420,7 +470,10 @@ class JobSpec:
 
 _SECTION_NAMES = {ModelSpec: "model", DataSpec: "data", QuantizationSpec: "quantization",
                   LoraSpec: "lora", TrainSpec: "train", EvalSpec: "eval",
-                  ResourcesSpec: "resources", OutputSpec: "output", ResultsSpec: "results"}
+                  ResourcesSpec: "resources", OutputSpec: "output", ResultsSpec: "results",
+                  TrackingSpec: "tracking"}
+# Mappings nested inside a section, checked and flattened like the sections themselves.
+_SUBSECTIONS = {"tracking.mlflow": MLflowSpec, "tracking.wandb": WandbSpec}
 _SECTION_NAMES[SearchSpec] = "search"
 
 
@@ -490,6 +543,8 @@ def leaf_paths(cls: type = JobSpec, prefix: str = "") -> Dict[str, dataclasses.F
         path = f"{prefix}{name}"
         if cls is JobSpec and name in _SECTION_NAMES.values():
             out.update(leaf_paths(_section_class(name), path + "."))
+        elif path in _SUBSECTIONS:
+            out.update(leaf_paths(_SUBSECTIONS[path], path + "."))
         else:
             out[path] = f
     return out
@@ -512,13 +567,18 @@ def _unknown_keys(raw: Dict[str, Any], cls: type, prefix: str) -> Iterator[Probl
                 yield path, f"must be a mapping of {key} settings, got {type(value).__name__}"
             else:
                 yield from _unknown_keys(value, _section_class(key), path + ".")
+        elif f"{prefix}{key}" in _SUBSECTIONS:
+            if not isinstance(value, dict):
+                yield path, f"must be a mapping of {key} settings, got {type(value).__name__}"
+            else:
+                yield from _unknown_keys(value, _SUBSECTIONS[f"{prefix}{key}"], path + ".")
 
 
 def _flatten(raw: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path in _SECTION_NAMES.values():
+        if isinstance(value, dict) and (path in _SECTION_NAMES.values() or path in _SUBSECTIONS):
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value

@@ -7,6 +7,8 @@ status and logs read an experiment (a folder or a URI) through ``qlora_ray.stora
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -69,6 +71,12 @@ def submit(
     outcome = runtime.submit(spec_path, overrides, console, runtime.ConnectOptions(
         address=address, dashboard=dashboard, dashboard_host=dashboard_host), fresh=fresh)
     _print_board(outcome.board, outcome.exp)
+    if outcome.out_of_time:
+        # Exit 3: not a failure, a session ending; the same command (without --fresh) resumes.
+        again = shlex.join(["qlora-ray", *(a for a in sys.argv[1:] if a != "--fresh")])
+        err_console.print(f"time budget spent: {len(outcome.out_of_time)} trial(s) saved a checkpoint and "
+                          f"stopped. Resume with:\n  {again}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
     # Exit 0 only when every trial of this spec finished; else 1, naming each that did not and why.
     unfinished = outcome.unfinished
     if unfinished:

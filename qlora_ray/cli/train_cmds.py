@@ -102,10 +102,20 @@ def _train_one(chosen, spec, fresh: bool, quiet: bool) -> None:
     console.print(f"trial {chosen.id} -> {trial_dir}", highlight=False)
     run = training.RunContext(trial_dir=str(trial_dir), resume_from=str(resume) if resume else None,
                               progress=not quiet)
+    tracker = _tracker(chosen, trial_dir)
+    report = (lambda metrics, checkpoint: tracker.log_step(chosen.id, metrics)) if tracker else \
+        (lambda metrics, checkpoint: None)
     try:
-        result = training.fit(chosen.spec, lambda metrics, checkpoint: None, run)
+        result = training.fit(chosen.spec, report, run)
     except training.NonFiniteLossError as e:
+        _end_tracking(tracker, chosen.id, trial_dir, "failed")
         raise UserError(f"trial {chosen.id}: {e}") from None
+    except BaseException:
+        _end_tracking(tracker, chosen.id, trial_dir, "failed")
+        raise
+    if tracker:
+        tracker.log_final(chosen.id, result, Path(result.samples_file) if result.samples_file else None)
+    _end_tracking(tracker, chosen.id, trial_dir, "finished")
     console.print(_result_table(chosen.id, result))
     _test_set(chosen, trial_dir, quiet)
     console.print(f"adapter: {result.adapter_dir}", highlight=False)
@@ -138,6 +148,30 @@ def _test_set(chosen, trial_dir: Path, quiet: bool) -> None:
     console.print(f"test set ({figures.data}, held out): base {figures.base_ppl:.2f} -> tuned "
                   f"{figures.tuned_ppl:.2f} ({figures.change:+.1%}) over {figures.target_tokens:,} target tokens",
                   highlight=False)
+
+
+def _tracker(chosen, trial_dir: Path):
+    """The experiment trackers the spec asks for, with the trial's run open (None: none asked)."""
+    from qlora_ray.tracking import Tracker, wanted
+
+    if not wanted(chosen.spec.tracking):
+        return None
+    tracker = Tracker(chosen.spec, trial_dir.parent)
+    tracker.start(chosen.id, chosen.spec)
+    return tracker
+
+
+def _end_tracking(tracker, trial_id: str, trial_dir: Path, status: str) -> None:
+    """Close the trial's runs; what could not be logged goes to stderr and ``tracking.json``."""
+    if tracker is None:
+        return
+    tracker.end(trial_id, status)
+    problems = tracker.errors.get(trial_id)
+    if problems:
+        from qlora_ray.records import TrackingNote
+
+        err_console.print(f"tracking failed (training went on): {'; '.join(problems)}", markup=False, highlight=False)
+        (trial_dir / layout.TRACKING_FILE).write_text(TrackingNote(errors=problems).to_json() + "\n", encoding="utf-8")
 
 
 def _result_table(trial_id: str, result) -> Table:

@@ -27,7 +27,7 @@ from qlora_ray.storage import Storage
 log = logging.getLogger(__name__)
 
 # Keys of the spec that may change between submissions of one experiment.
-MUTABLE_KEYS = ("sweep", "resources", "output", "search", "results")
+MUTABLE_KEYS = ("sweep", "resources", "output", "search", "results", "tracking")
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -169,6 +169,8 @@ def mark_ended(storage: Storage, run: TrialRun, result: Optional[TrialResult], e
                                    teardown_s=round(ended - timing.fit_ended, 2))
     status.status = TrialState.FAILED if error else TrialState.FINISHED
     status.reason, status.ended_at = error, now()
+    if not error and result is not None and result.stopped:  # at a checkpoint; a re-submit resumes it
+        status.status, status.reason = TrialState.STOPPED, result.stopped
     status.attempts = count_starts(storage, status.trial_id)
     _write(storage, status)
     return status

@@ -4,7 +4,7 @@ at most as many at once as fit, with the progress display and the status bookkee
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Sequence
 
 from ray import tune
 
@@ -27,7 +27,8 @@ def stamp_crashed(exp: str, trial_id: str, error_text: str) -> TrialStatus:
     return experiment.mark_failed(Storage(exp), trial_id, why)
 
 
-def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: int = 0) -> None:
+def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: int = 0,
+             callbacks: Sequence[tune.Callback] = ()) -> None:
     """Run every trial of ``sweep`` (each a TorchTrainer, or its own trainer with runner tune);
     returns when all have ended."""
     todo: List[Trial] = list(sweep.trials.values())
@@ -50,7 +51,7 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
             trial_name_creator=lambda t: t.config["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress],
+            name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress, *callbacks],
             # Runner train: Ray Train restarts a dead worker, and the trial function ends normally
             # whatever the worker did, so a Tune retry happens only when the trial's driver itself
             # died (killed, its node lost): it resumes from the trial's checkpoint like a worker.

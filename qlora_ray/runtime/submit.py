@@ -9,11 +9,13 @@ Ray Train restores each from its last reported checkpoint. ``--fresh`` moves the
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List
 
-from qlora_ray import results
+from qlora_ray import layout, results
+from qlora_ray.budget import TIME_BUDGET, Deadline
 from qlora_ray.lock import experiment_lock
 from qlora_ray.plan import expand
 from qlora_ray.runtime import experiment, faults
@@ -22,9 +24,9 @@ from qlora_ray.runtime.capacity import check_resources, room_for_baseline
 from qlora_ray.runtime.connect import ConnectOptions, connect
 from qlora_ray.runtime.grid import run_grid
 from qlora_ray.runtime.held_out import measure_best_on_test
+from qlora_ray.runtime.tracking import tracking_callback
 from qlora_ray.runtime.trial import Sweep
 from qlora_ray.spec import load_spec
-from qlora_ray import layout
 from qlora_ray.storage import Storage, write_results
 
 
@@ -42,10 +44,17 @@ class SubmitOutcome:
         planned = set(self.planned)
         return [row for row in self.board.rows if row.trial_id in planned and row.status not in (results.FINISHED, results.PRUNED)]
 
+    @property
+    def out_of_time(self) -> List[results.TrialRow]:
+        """Rows of this spec's trials that the time budget stopped at a checkpoint."""
+        return [row for row in self.unfinished
+                if row.status == results.STOPPED and (row.reason or "").startswith(TIME_BUDGET)]
+
 
 def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptions = ConnectOptions(),
            fresh: bool = False) -> SubmitOutcome:
     """Run (or resume) the experiment of ``spec_path`` in the foreground."""
+    started = time.time()  # the time budget runs from here
     spec = load_spec(spec_path, overrides)
     trials = expand(spec)
 
@@ -56,13 +65,21 @@ def submit(spec_path: Path, overrides: List[str], console, options: ConnectOptio
         if Storage(spec.experiment_dir).is_local_path:
             held.enter_context(experiment_lock(spec.experiment_dir, f"qlora-ray submit {spec_path}"))
         storage = experiment.open_experiment(spec, fresh, say)
-        _run(spec, spec_path, trials, storage, options, console, say)
-    return SubmitOutcome(board=write_results(storage.root), exp=storage.root, planned=[t.id for t in trials])
+        deadline = Deadline.after(spec.resources.time_budget, started)
+        tracker = _run(spec, spec_path, trials, storage, options, console, say, deadline)
+        board = write_results(storage.root)
+        if tracker is not None and tracker.finish():
+            say("tracking failed for some trials (training went on); see the leaderboard's status column")
+            board = write_results(storage.root)  # the notes join the leaderboard
+    return SubmitOutcome(board=board, exp=storage.root, planned=[t.id for t in trials])
 
 
-def _run(spec, spec_path: Path, trials, storage: Storage, options: ConnectOptions, console, say) -> None:
+def _run(spec, spec_path: Path, trials, storage: Storage, options: ConnectOptions, console, say, deadline):
+    """Connect, record the plan, measure the base model and run the grid; returns the tracking
+    callback (or None) so the caller can close its runs after the leaderboard is written."""
     say(f"experiment: {storage.root} ({len(trials)} trial(s))")
     todo = [t for t in trials if not experiment.is_finished(storage, t.id)]
+    tracker = None
     if not todo:
         say(f"all {len(trials)} trial(s) already finished; nothing to run (use --fresh to start over)")
     else:
@@ -74,10 +91,13 @@ def _run(spec, spec_path: Path, trials, storage: Storage, options: ConnectOption
             ref = start_baseline(spec, storage, say, alongside=room_for_baseline(spec, cluster, len(todo)))
             sweep = Sweep(exp=storage.root, trials={t.id: t for t in todo},
                           baseline=storage.read_text(layout.BASELINE_FILE), baseline_ref=ref,
-                          faults=faults.installed())
-            run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo))
+                          faults=faults.installed(), deadline=deadline)
+            tracker = tracking_callback(spec, todo, storage.root)
+            run_grid(spec, sweep, cluster, console, skipped=len(trials) - len(todo),
+                     callbacks=[tracker] if tracker else [])
             finish_baseline(ref, storage, say)
             measure_best_on_test(spec, storage, say)
+    return tracker
 
 
 def _say_where(cluster, storage: Storage, say: Callable[[str], None]) -> None:

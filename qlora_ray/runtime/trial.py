@@ -29,12 +29,14 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from qlora_ray import layout
+from qlora_ray.budget import Deadline
 from qlora_ray.errors import UserError, disk_full_errno
 from qlora_ray.plan import Trial
 from qlora_ray.records import Baseline, Timing, TrialEvent, TrialResult, now, to_line
 from qlora_ray.runtime import experiment
 from qlora_ray.runtime.baseline import base_figures
 from qlora_ray.runtime.faults import NO_FAULTS, FaultPlan
+from qlora_ray.runtime.metrics import TrialGauges
 from qlora_ray.storage import Storage
 
 
@@ -59,6 +61,7 @@ class TrialConfig:
     baseline: Optional[str] = None                  # the base figures (JSON) an earlier submit saved
     baseline_ref: Optional[ray.ObjectRef] = None    # else the base-model task running alongside
     faults: FaultPlan = NO_FAULTS
+    deadline: Optional[Deadline] = None             # the submit's time budget
 
 
 @dataclass
@@ -70,10 +73,11 @@ class Sweep:
     baseline: Optional[str] = None
     baseline_ref: Optional[ray.ObjectRef] = None
     faults: FaultPlan = NO_FAULTS
+    deadline: Optional[Deadline] = None
 
     def config(self, trial_id: str) -> TrialConfig:
         return TrialConfig(trial=self.trials[trial_id], exp=self.exp, baseline=self.baseline,
-                           baseline_ref=self.baseline_ref, faults=self.faults)
+                           baseline_ref=self.baseline_ref, faults=self.faults, deadline=self.deadline)
 
 
 # ---------------------------------------------------------------- the worker
@@ -97,9 +101,11 @@ class _Reporter:
 
     def __init__(self, config: TrialConfig, session: TrialSession, storage: Storage, trial_dir: Path):
         self.config, self.session, self.storage, self.trial_dir = config, session, storage, trial_dir
+        self.gauges = TrialGauges(config.trial.id, config.trial.spec.name)
 
     def __call__(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
         self.config.faults.at_step(metrics.get("step"), self.trial_dir)
+        self.gauges.update(metrics)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # A scheduler reads a key that is present as a number: steps without an eval leave
         # eval_ppl out rather than sending None.
@@ -154,12 +160,17 @@ def train_trial(config: TrialConfig, session: TrialSession = TRAIN_SESSION) -> N
             outcome.final = train.fit(trial.spec, reporter, train.RunContext(
                 trial_dir=str(trial_dir), resume_from=resume_from, baseline=baseline,
                 base_figures=None if baseline else base_figures(config.baseline_ref),
-                gpu_memory_fraction=gpus if 0 < gpus < 1 else None))
+                gpu_memory_fraction=gpus if 0 < gpus < 1 else None,
+                should_stop=config.deadline.should_stop if config.deadline else None))
+        except train.Stopped as e:  # at a checkpoint it reported: the next submit resumes there
+            outcome.stopped = str(e)
         except (UserError, train.NonFiniteLossError, train.OutOfMemory) as e:
             # Deterministic: a retry would fail the same way. End the run with the reason instead
             # of raising (which would make Ray Train restart the worker max_failures times).
             outcome.error = f"{type(e).__name__}: {e}"
     outcome.timing = Timing(worker_entered=entered, fit_started=fit_started, fit_ended=time.time())
+    if outcome.final is not None:
+        reporter.gauges.final(outcome.final.eval_ppl)
     try:
         reporter.sync(full=True)
         # Train's Result carries the metrics of the last *checkpoint*; the trial function needs the
@@ -238,7 +249,8 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
         else:
             _torch_trainer(config, storage).fit()
         result = storage.read_record(TrialResult, layout.trial_file(trial.id, layout.RESULT_FILE))
-        error = None if result and result.final else (result and result.error) or _missing_outcome(storage, trial)
+        error = None if result and (result.final or result.stopped) else (result and result.error) or \
+            _missing_outcome(storage, trial)
     except Exception as e:  # TrainingFailedError after max_failures retries, or a controller error
         if trial.spec.resources.runner == "tune":
             raise  # Tune restarts the trial from its last checkpoint (resources.max_failures times)
@@ -248,5 +260,5 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
                      f"{trial.spec.resources.max_failures + 1} tries: {error}")
     status = experiment.mark_ended(storage, run, result, error)
     final = result.final if result else None
-    tune.report({"trial_state": status.status.value, "reason": error or "",
+    tune.report({"trial_state": status.status.value, "reason": status.reason or "",
                  "eval_ppl": final.eval_ppl if final else None})

@@ -11,11 +11,11 @@
 """
 
 from qlora_ray.train.checkpoint import checkpoint_problem, checkpoints, find_checkpoint, latest_checkpoint
-from qlora_ray.train.loop import FitResult, Report, RunContext, Trainer, fit
+from qlora_ray.train.loop import FitResult, Report, RunContext, Stopped, Trainer, fit
 from qlora_ray.train.memory import peak_memory_gb, reset_peak_memory
 from qlora_ray.train.optim import lr_factor
 from qlora_ray.train.step import NonFiniteLossError, OutOfMemory
 
-__all__ = ["FitResult", "NonFiniteLossError", "OutOfMemory", "Report", "RunContext", "Trainer", "checkpoint_problem",
+__all__ = ["FitResult", "NonFiniteLossError", "OutOfMemory", "Report", "RunContext", "Stopped", "Trainer", "checkpoint_problem",
            "checkpoints", "find_checkpoint", "fit", "latest_checkpoint", "lr_factor", "peak_memory_gb",
            "reset_peak_memory"]

@@ -22,6 +22,7 @@ import torch
 
 from qlora_ray import data, layout
 from qlora_ray.base_cache import base_key, cached
+from qlora_ray.budget import TIME_BUDGET
 from qlora_ray.errors import UserError, disk_full_as
 from qlora_ray.evaluate import describe_decoding, measure, write_samples
 from qlora_ray.files import write_text
@@ -60,6 +61,13 @@ class RunContext:
     # Share of the GPU's memory this process may take (several trials on one GPU): beyond it
     # a step runs out of memory here instead of starving its neighbours.
     gpu_memory_fraction: Optional[float] = None
+    # Asked after each step with the seconds one more step plus one checkpoint take (as measured
+    # here): True means the time is up, so the trial checkpoints and raises :class:`Stopped`.
+    should_stop: Optional[Callable[[float], bool]] = None
+
+
+class Stopped(Exception):
+    """Training stopped early at a checkpoint it just saved (``str``: why); a resume continues it."""
 
 
 def fit(spec: JobSpec, report: Report, run: RunContext) -> FitResult:
@@ -81,6 +89,8 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.baseline = run.baseline
         self.epoch_len = 1
+        self.step_s = 0.0                          # the slowest step so far
+        self.checkpoint_s: Optional[float] = None  # the slowest checkpoint save so far
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -174,12 +184,21 @@ class Trainer:
         if state.batch >= self.epoch_len:
             state.epoch, state.batch = state.epoch + 1, 0
         self.bar.update(1)
+        self.step_s = max(self.step_s, elapsed)
+        out_of_time = state.step < self.total and self._out_of_time()
         evaluate = self.periodic.due(state.step)
         # An eval step checkpoints too: a trial a scheduler stops there keeps a checkpoint that
         # matches its last eval figure.
-        save = state.step % t.checkpoint_every == 0 or state.step == self.total or evaluate
+        save = out_of_time or state.step % t.checkpoint_every == 0 or state.step == self.total or evaluate
         if save or state.step % t.log_every == 0:
             self._log(lr, save, evaluate)
+        if out_of_time:
+            raise Stopped(TIME_BUDGET)
+
+    def _out_of_time(self) -> bool:
+        # A checkpoint not yet timed counts as one more step.
+        margin = self.step_s + (self.checkpoint_s if self.checkpoint_s is not None else self.step_s)
+        return self.run.should_stop is not None and self.run.should_stop(margin)
 
     def _log(self, lr: float, save: bool, evaluate: bool = False) -> None:
         # The row (which resets the running window) comes before the checkpoint, so a resumed
@@ -192,7 +211,9 @@ class Trainer:
         ckpt_dir = None
         if save:
             self.state.wall_s = self._wall()
+            tick = time.perf_counter()
             ckpt_dir = str(ckpt.save_checkpoint(self.trial_dir, self.state, self.parts, self.spec_yaml))
+            self.checkpoint_s = max(self.checkpoint_s or 0.0, time.perf_counter() - tick)
         self.bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
         with disk_full_as(f"the step-{row.step} row of {layout.METRICS_FILE}", self.trial_dir), \
                 open(self.trial_dir / layout.METRICS_FILE, "a", encoding="utf-8") as f:
