@@ -1,29 +1,36 @@
-"""Throughput benchmark: qlora-ray's training function against the plain Hugging Face recipe.
+"""Throughput benchmark: qlora-ray against the tuned Hugging Face recipe and Unsloth, side by side.
 
-One process, one GPU, the same model shape (TinyLlama-1.1B, random init), the same LoRA (r=16 on
-all linear layers, NF4 + double quant, fp16 compute as on a T4), the same optimizer and learning
-rate, and the same examples: each side trains one epoch over them. The examples have chat-like
-lengths (lognormal, median 180, 16 to 512 tokens) and learnable content: token sequences of a
-fixed random bigram chain (each token has 4 possible successors), so the held-out loss falls
-from ln 32000 = 10.4 towards ln 4 = 1.39 as a model learns, and "eval loss no worse" means
-something. Every side is measured on the same 64 held-out sequences with qlora-ray's own
-perplexity function (summed cross-entropy over the same tokens).
+Every side trains the same TinyLlama-1.1B-shaped model (random init; NF4 + double quant, fp16
+compute as on a T4, LoRA r16 on all linear layers, paged 8-bit AdamW, the same learning rate and
+cosine schedule) for one epoch over the same examples, each run in a process of its own, capped
+at 15 GiB of whatever GPU runs it. The examples have chat-like lengths (lognormal, median 180,
+16 to 512 tokens) walked on a fixed random bigram chain over ``--states`` token ids (each with 4
+successors), so the held-out loss falls from ln 32000 = 10.4 towards ln 4 = 1.39 as a model
+learns, and "eval loss no worse" catches a wrong gradient. Every side is measured the same way:
+trained target tokens over the summed time of its optimizer steps (batch in hand to optimizer
+step done, with a device sync), leaving out the steps that hold the first ``warm_share`` of the
+tokens; then the mean loss over the same 64 held-out rows through the model's own ``labels`` loss.
 
-Reports, per side: non-padding trained tokens/s (leaving out the first steps, which pay for
-allocation and kernel selection), peak GPU memory, final train loss, held-out eval loss, and the
-ratio of tokens/s to the baseline.
+Sides (``--sides``):
+  hf-b8      HF Trainer, 8 rows a step in random order, checkpointing (the naive recipe; with
+             ``--b8-steps`` it stops after that many steps, and its loss is after fewer tokens)
+  hf-tuned   HF Trainer, length-grouped batches, the largest batch of 8/16/32/48/64 that fits
+  unsloth    Unsloth at the largest batch of ``--unsloth-batches`` that fits (``unsloth_side.py``)
+  qlora      qlora-ray at its defaults (packed rows of 512, 8 a step, peft path)
+  fused      qlora-ray at its defaults with the fused path (``qlora_ray.kernels.fuse``)
+  fused-bN / fused-nogc / fused-offload / fused-compile   the fused path with N rows a step / no
+             checkpointing / checkpointing offloaded to host memory / torch.compile'd elementwise
+             (parts combine: fused-b16-nogc)
 
-    python benchmarks/throughput.py --out DIR [--t4] [--variants baseline,packed,...]
+    python benchmarks/throughput.py --out DIR [--rounds 3] [--sides hf-tuned,unsloth,qlora,fused]
+        [--budget-s 540] [--profile fused]
 
-``--t4`` caps the process at 15 GiB (a T4's usable memory). ``--smoke`` checks the harness on
-a CPU (2 layers, a few examples; figures meaningless).
-
-Variants (qlora-ray sides differ in one lever at a time):
-  baseline            HF Trainer, per-batch padding, 8 rows per step, gradient checkpointing
-  packed-gc-fullhead  qlora-ray, packed 4,096-token steps, checkpointing on, logits on every position
-  packed-gc           ... the output head and fp32 loss only on target rows, in chunks (the default)
-  packed-auto         ... checkpointing ``auto``: off, switched on if a step runs out of memory
-  packed-2k-auto      ... and 2,048-token steps (about the baseline's optimizer steps per epoch)
+Each side is a worker process (see ``sides.py``), started one after another before the first
+round and given a short untimed warm-up run, where imports, compilation and the batch search
+of hf-tuned and unsloth happen; then the rounds alternate the sides (each round starts one
+later in the list), every run on a freshly loaded model, one run on the GPU at a time.
+``DIR/fair.json`` holds every run (rewritten after each), ``DIR/fair.md`` the medians, ranges
+and ratios, ``DIR/logs/SIDE.log`` each worker's output. ``--smoke`` checks the harness on a CPU.
 """
 
 from __future__ import annotations
@@ -31,29 +38,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import queue
 import random
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_recipe import run_recipe  # noqa: E402
-from make_model import SPECIALS, VOCAB, make  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from make_model import SPECIALS, VOCAB  # noqa: E402
+import sides  # noqa: E402
 
-T4_FRACTION = 15 / 139  # of an H200's memory, so the cap is a T4's 15 GiB
+T4_FRACTION = 15 / 139  # of an H200's memory (older scripts); sides.cap_memory derives it from the GPU
 SUCCESSORS = 4
-VARIANTS = {
-    "baseline": None,
-    "packed-gc-fullhead": dict(tokens_per_step=4096, checkpointing="true", full_head=True),
-    "packed-gc": dict(tokens_per_step=4096, checkpointing="true"),
-    "packed-auto": dict(tokens_per_step=4096, checkpointing="auto"),
-    "packed-2k-auto": dict(tokens_per_step=2048, checkpointing="auto"),
-}
-
 
 def chat_lengths(n: int, seed: int = 0, longest: int = 512) -> list[int]:
     """Chat-like example lengths: lognormal around 180 tokens, 16 to ``longest``."""
@@ -96,7 +103,7 @@ def eval_loss(model, rows: list[list[int]], pad_id: int) -> float:
 def run_qlora_ray(model_dir: Path, work: Path, train_file: Path, eval_file: Path, variant: dict,
                   skip_steps: int, smoke: bool) -> dict:
     """qlora-ray's ``fit`` for one epoch over the training rows, with the variant's levers."""
-    from qlora_ray import evaluate
+    from qlora_ray import loss
     from qlora_ray import train as training
     from qlora_ray.spec import load_spec
 
@@ -120,17 +127,17 @@ output: {{dir: {work}/runs}}
 """)
     spec = load_spec(spec_file)
     seen: list[dict] = []
-    find_head = evaluate._decoder_and_head
+    find_head = loss._decoder_and_head
     if variant.get("full_head"):
         # The loss as it was before the target-only head: token_loss's path for models whose
         # logits are more than head(hidden), logits on every position.
-        evaluate._decoder_and_head = lambda model: (None, None)
+        loss._decoder_and_head = lambda model: (None, None)
     _reset_memory()
     try:
         result = training.fit(spec, lambda metrics, checkpoint: seen.append(dict(metrics)),
                               training.RunContext(trial_dir=str(work / "trial")))
     finally:
-        evaluate._decoder_and_head = find_head
+        loss._decoder_and_head = find_head
     steps = [r for r in seen if "tokens" in r and not r.get("done")]
     start = steps[min(skip_steps, len(steps) - 1) - 1] if len(steps) > 1 else steps[0]
     end = steps[-1]
@@ -150,63 +157,234 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def side_command(name: str, work: Path, args) -> list:
+    """The command line that starts side ``name`` as a worker."""
+    py = [sys.executable]
+    common = ["--work", str(work), "--serve"] + (["--cpu"] if args.smoke else [])
+    if name == "hf-b8":
+        return py + [str(HERE / "hf_recipe.py"), "--batch", "8", "--max-steps", str(args.b8_steps)] + common
+    if name == "hf-tuned":
+        return py + [str(HERE / "hf_recipe.py"), "--tuned"] + common
+    if name == "unsloth":
+        return py + [str(HERE / "unsloth_side.py"), "--batches", args.unsloth_batches] + common
+    side = py + [str(HERE / "qlora_side.py"), "--name", name] + common
+    if name == "qlora":
+        return side
+    if not name.startswith("fused"):
+        raise SystemExit(f"unknown side {name}")
+    side.append("--fused")
+    for part in name.split("-")[1:]:
+        if part.startswith("b") and part[1:].isdigit():
+            side += ["--batch-size", part[1:]]
+        elif part in ("nogc", "offload", "compile"):
+            side += {"nogc": ["--checkpointing", "false"], "offload": ["--offload"], "compile": ["--compile"]}[part]
+        else:
+            raise SystemExit(f"unknown fused variant {part!r} in {name}")
+    if args.profile and name == args.profile:
+        side += ["--profile", str(args.out / f"profile_{name}.md")]
+    return side
+
+
+def prepare(work: Path, args) -> None:
+    """The model (in its own process, so this one never holds the GPU), the rows and the task."""
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "model" / "config.json").is_file():
+        code = ("import sys; sys.path.insert(0, %r); from make_model import make; from pathlib import Path; "
+                "make(Path(%r), smoke=%r)" % (str(HERE), str(work / "model"), args.smoke))
+        subprocess.run([sys.executable, "-c", code], check=True)
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(work / "model").eos_token_id
+    vocab, longest = len(SPECIALS) + args.states, 64 if args.smoke else 512
+    train = chain_rows(chat_lengths(args.examples, longest=longest), eos, seed=0, vocab=vocab)
+    held = chain_rows(chat_lengths(64, seed=1, longest=longest), eos, seed=1, vocab=vocab)
+    for name, rows in (("train", train), ("eval", held)):
+        (work / f"{name}.json").write_text(json.dumps(rows))
+        write_text_rows(work / f"{name}.jsonl", rows)
+    task = sides.Task(lr=args.lr, warm_share=args.warm_share, max_seq_len=64 if args.smoke else 512)
+    (work / "task.json").write_text(json.dumps(asdict(task)))
+
+
+class Worker:
+    """One side's process: started once, then asked for one run at a time (see sides.serve)."""
+
+    def __init__(self, name: str, command: list, log: Path):
+        self.name = name
+        self.log = open(log, "w", buffering=1)
+        self.events: "queue.Queue[str]" = queue.Queue()
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.log.write(line)
+            if line.startswith("@@"):
+                self.events.put(line.strip())
+        self.events.put("@@eof")
+
+    def wait(self, timeout: float) -> str:
+        """The next ``@@`` line: ``@@ready``, ``@@done ok|error``, ``@@eof``, or ``timeout``."""
+        try:
+            return self.events.get(timeout=max(1.0, timeout))
+        except queue.Empty:
+            return "timeout"
+
+    def run(self, command: dict, timeout: float) -> str:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.wait()
+        self.log.close()
+
+
+def start_workers(names: list, work: Path, args, clock) -> dict:
+    """Start every side one after another and give each a short untimed warm-up run (imports,
+    compilation, and the batch search of hf-tuned and unsloth happen here, not in a timed run)."""
+    workers = {}
+    for name in names:
+        began = time.time()
+        worker = Worker(name, side_command(name, work, args), args.out / "logs" / f"{name}.log")
+        workers[name] = worker
+        state = worker.wait(clock.left(args.start_timeout))
+        if state == "@@ready":
+            state = worker.run({"warm": True, "max_steps": args.warm_steps}, clock.left(args.start_timeout))
+        print(f"start {name:14s} {state:12s} {time.time() - began:5.0f} s", flush=True)
+        if state != "@@done ok":
+            worker.close()
+            del workers[name]
+    return workers
+
+
+def run_side(worker: Worker, round_: int, clock, args) -> dict:
+    out = args.out / f"{worker.name}_r{round_}.json"
+    started = time.time()
+    state = worker.run({"out": str(out)}, clock.left(args.side_timeout))
+    wall = time.time() - started
+    if state != "@@done ok" or not out.is_file():
+        print(f"round {round_} {worker.name}: {state} after {wall:.0f} s (see logs/{worker.name}.log)", flush=True)
+        return {"side": worker.name, "round": round_, "rc": 1, "state": state, "wall_s": wall}
+    result = json.loads(out.read_text())
+    result.update(round=round_, rc=0, wall_s=wall)
+    loss = "n/a" if result["eval_loss"] is None else f"{result['eval_loss']:.3f}"
+    print(f"round {round_} {worker.name:14s} {result['tokens_per_s']:9.0f} tok/s  peak {result['peak_gib']:.2f} GiB  "
+          f"eval {loss}  batch {result['batch']}  steps {result['steps']}  wall {wall:.0f} s", flush=True)
+    return result
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.time() + seconds
+
+    def left(self, cap: float) -> float:
+        return min(cap, self.end - time.time())
+
+
+def summarize(runs: list, names: list) -> tuple:
+    """Per side: median and range of tokens/s, peak memory, eval loss; and the headline ratios."""
+    table = {}
+    for name in names:
+        ok = [r for r in runs if r["side"] == name and r.get("rc") == 0 and "tokens_per_s" in r]
+        if not ok:
+            continue
+        rates = [r["tokens_per_s"] for r in ok]
+        losses = [r["eval_loss"] for r in ok if r.get("eval_loss") is not None]
+        table[name] = dict(runs=len(ok), median=statistics.median(rates), low=min(rates), high=max(rates),
+                           peak_gib=max(r["peak_gib"] for r in ok), batch=ok[0]["batch"],
+                           eval_loss=statistics.median(losses) if losses else None,
+                           target_tokens=ok[0]["target_tokens"], steps=ok[0]["steps"])
+    ratios = {}
+    for ours in ("fused", "qlora"):
+        for other in ("unsloth", "hf-tuned", "hf-b8"):
+            if ours in table and other in table:
+                ratios[f"{ours} / {other}"] = table[ours]["median"] / table[other]["median"]
+    return table, ratios
+
+
+def markdown(table: dict, ratios: dict, env: dict) -> str:
+    lines = [f"{env['gpu']}, cap {env['cap_gib']} GiB, {env['examples']} examples, chain over {env['states']} ids, "
+             f"lr {env['lr']}, {env['date']}", "",
+             "| side | runs | tokens/s median | range | batch | peak GiB | held-out loss | steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in table.items():
+        loss = "n/a" if t["eval_loss"] is None else f"{t['eval_loss']:.3f}"
+        batch = f"{t['batch']} tokens" if name.startswith(("qlora", "fused")) else f"{t['batch']} rows"
+        lines.append(f"| {name} | {t['runs']} | {t['median']:,.0f} | {t['low']:,.0f}-{t['high']:,.0f} | {batch} | "
+                     f"{t['peak_gib']:.2f} | {loss} | {t['steps']} |")
+    lines.append("")
+    names = {"fused": "qlora-ray", "qlora": "qlora-ray (peft path)", "unsloth": "Unsloth", "hf-tuned": "tuned HF",
+             "hf-b8": "HF batch 8"}
+    lines += [f"{names[a.split(' / ')[0]]} / {names[a.split(' / ')[1]]}: {v:.2f}x" for a, v in ratios.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--examples", type=int, default=320)
-    parser.add_argument("--batch", type=int, default=8, help="Baseline rows per step.")
-    parser.add_argument("--t4", action="store_true", help="Cap GPU memory at 15 GiB.")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--work", type=Path, default=None, help="Model and data folder (made if missing).")
+    parser.add_argument("--sides", default="hf-tuned,unsloth,qlora,fused")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=1600)
+    parser.add_argument("--states", type=int, default=256, help="Token ids the bigram chain walks over.")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warm-share", type=float, default=0.1)
+    parser.add_argument("--warm-steps", type=int, default=3, help="Steps of each side's untimed warm-up run.")
+    parser.add_argument("--b8-steps", type=int, default=-1, help="Stop hf-b8 after this many steps (-1: one epoch).")
+    parser.add_argument("--unsloth-batches", default="128,64,32")
+    parser.add_argument("--profile", default=None, help="A fused/qlora side to profile (a middle step of its first run).")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="Stop everything after this many seconds.")
+    parser.add_argument("--start-timeout", type=float, default=300)
+    parser.add_argument("--side-timeout", type=float, default=300)
     parser.add_argument("--smoke", action="store_true", help="Check the harness on a CPU (tiny model).")
     args = parser.parse_args()
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    import bitsandbytes, peft, transformers
-
+    clock = Budget(args.budget_s)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-               transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
-               date=time.strftime("%Y-%m-%d"), t4_cap=args.t4, examples=args.examples)
+    (args.out / "logs").mkdir(exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="qlora-fair-"))
+    prepare(work, args)
+    names = args.sides.split(",")
+    env = dict(gpu=_gpu(), cap_gib=sides.CAP_GIB, examples=args.examples, states=args.states, lr=args.lr,
+               warm_share=args.warm_share, date=time.strftime("%Y-%m-%d %H:%M"), rounds=args.rounds)
     print(json.dumps(env), flush=True)
-    if torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(T4_FRACTION if args.t4 else 1.0)
-    work = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
-    model_dir = make(work / "model", smoke=args.smoke)
-    from transformers import AutoTokenizer
+    workers: dict = {}
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # runs the finally below
+    runs = []
+    try:
+        workers = start_workers(names, work, args, clock)
+        for round_ in range(1, args.rounds + 1):
+            order = [n for n in names if n in workers]
+            shift = (round_ - 1) % max(1, len(order))
+            for name in order[shift:] + order[:shift]:
+                if clock.left(1e9) < 10:
+                    print(f"budget spent: round {round_} {name} not run", flush=True)
+                    continue
+                runs.append(run_side(workers[name], round_, clock, args))
+                table, ratios = summarize(runs, names)
+                (args.out / "fair.json").write_text(json.dumps(dict(env=env, runs=runs, table=table, ratios=ratios),
+                                                               indent=1))
+    finally:
+        for worker in workers.values():
+            worker.close()
+    table, ratios = summarize(runs, names)
+    (args.out / "fair.md").write_text(markdown(table, ratios, env))
+    print(markdown(table, ratios, env), flush=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = 16 if args.smoke else args.examples
-    rows = chain_rows(chat_lengths(examples), tokenizer.eos_token_id, seed=0)
-    held_out = chain_rows(chat_lengths(64, seed=1), tokenizer.eos_token_id, seed=1)
-    train_file = write_text_rows(work / "train.jsonl", rows)
-    eval_file = write_text_rows(work / "eval.jsonl", held_out)
-    out = {"env": env, "variants": {}}
-    warm = 0 if args.smoke else 5
-    for name in names:
-        variant = VARIANTS[name]
-        if variant is None:
-            result = run_recipe(str(model_dir), tokenizer, rows, batch_size=args.batch, warmup_steps=warm,
-                                out_dir=str(work / "hf"), evaluate=lambda m: eval_loss(m, held_out, tokenizer.pad_token_id),
-                                cpu=args.smoke)
-            side = vars(result)
-        else:
-            # Skip the steps that cover the same share of tokens as the baseline's warmup.
-            skip = max(2, round(warm * args.batch * 180 / variant["tokens_per_step"]))
-            side = run_qlora_ray(model_dir, work / name, train_file, eval_file, variant, skip, args.smoke)
-        out["variants"][name] = side
-        print(name, json.dumps(side), flush=True)
-    base = out["variants"].get("baseline")
-    if base:
-        for name, side in out["variants"].items():
-            side["ratio"] = side["tokens_per_s"] / base["tokens_per_s"]
-            side["eval_loss_vs_baseline"] = side["eval_loss"] - base["eval_loss"]
-        print("\n".join(f"{n:20s} {s['tokens_per_s']:9.0f} tok/s  {s['ratio']:.2f}x  peak {s['peak_gib']:.2f} GiB  "
-                        f"eval loss {s['eval_loss']:.3f}" for n, s in out["variants"].items()), flush=True)
-    name = "throughput_t4.json" if args.t4 else "throughput.json"
-    (args.out / name).write_text(json.dumps(out, indent=1))
 
+def _gpu() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or "cpu"
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from typing import Optional
+from typing import Iterator, Optional
 
 # errno -> how a full disk or quota is named in messages
 DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
@@ -48,3 +49,18 @@ def disk_full_error(error: BaseException, what: str, where) -> Optional[DiskFull
         return None
     return DiskFullError(code, f"{DISK_FULL[code]} while writing {what} to {where}: free space there or "
                                "point output.dir elsewhere", str(where))
+
+
+@contextlib.contextmanager
+def disk_full_as(what: str, where) -> Iterator[None]:
+    """A full disk or quota inside the block becomes a :class:`DiskFullError` naming ``what`` and
+    ``where`` (see :func:`disk_full_error`); any other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except BaseException as e:
+        full = disk_full_error(e, what, where)
+        if full is None:
+            raise
+        raise full from e

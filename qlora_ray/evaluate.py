@@ -1,137 +1,43 @@
-"""Evaluation: perplexity on the eval set's target tokens, greedy sample replies, samples.md.
+"""Evaluation: perplexity on the eval set's target tokens, sample replies, samples.md.
 
-Perplexity is ``exp(sum of token losses / number of target tokens)`` over exactly the same
+The token loss itself is ``qlora_ray.loss``. Perplexity is ``exp(sum of token losses / number of target tokens)`` over exactly the same
 tokens for the base model and every trial (``data.eval_batches`` is fixed and unpacked), so the
 numbers compare. It is a token-weighted mean, not a mean of per-batch means.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from qlora_ray.data import IGNORE
+from qlora_ray.loss import autocast, to_device, token_loss
+from qlora_ray.records import Baseline
 from qlora_ray.spec import EvalSpec, JobSpec
 
 
-@dataclass
-class Baseline:
-    """The base model measured once per experiment: eval perplexity and replies to the prompts."""
-
-    perplexity: Optional[float]
-    target_tokens: int
-    replies: List[str] = field(default_factory=list)
-    prompts: List[str] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Baseline":
-        raw = json.loads(text)
-        return cls(perplexity=raw.get("perplexity"), target_tokens=int(raw.get("target_tokens") or 0),
-                   replies=list(raw.get("replies") or []), prompts=list(raw.get("prompts") or []))
-
-
-# ---------------------------------------------------------------- loss and perplexity
-
-def autocast(model):
-    """Mixed precision for a model whose compute dtype is half on CUDA; a no-op otherwise."""
-    from qlora_ray.model import compute_dtype_of, device_of
-
-    device, dtype = device_of(model), compute_dtype_of(model)
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# Target rows per cross-entropy chunk: one chunk's fp32 logits (2,048 x a 32k vocabulary = 256 MiB)
-# is all that is ever alive, instead of the whole micro-batch's.
-CE_CHUNK = 2048
-
-
-def token_loss(model, batch: dict) -> Tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the batch's target tokens, and how many there are.
-
-    Labels are unshifted (HF convention). The decoder runs on every position, but the output
-    head and the fp32 cross-entropy only on target positions (prompt and padding never cost a
-    vocabulary-wide row), in chunks of ``CE_CHUNK`` rows that are recomputed in backward rather
-    than kept, so the full fp32 logits of a micro-batch never exist.
-    """
-    from qlora_ray.model import device_of
-
-    batch = to_device(batch, device_of(model))
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
-    count = int(mask.sum())
-    decoder, head = _decoder_and_head(model)
-    with autocast(model):
-        if decoder is None:  # a model whose logits need more than the head (soft-capping, scaling)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           position_ids=batch.get("position_ids"), use_cache=False).logits
-            if count == 0:
-                return logits.sum() * 0.0, 0
-            return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), count
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-        if count == 0:
-            return hidden.sum() * 0.0, 0
-        return _chunked_ce(hidden[:, :-1][mask], targets[mask], head), count
-
-
-def _chunked_ce(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_loss(h, y):
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], CE_CHUNK):
-        h, y = hidden[i:i + CE_CHUNK], targets[i:i + CE_CHUNK]
-        total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(h, y))
-    return total
-
-
-def _decoder_and_head(model):
-    """The decoder stack and output head of a causal LM (peft-wrapped or not), or ``(None, None)``
-    when its logits are more than ``head(hidden)`` (Gemma's soft-capping, Cohere's logit scale)."""
-    from qlora_ray.model import unwrapped
-
-    inner = unwrapped(model)
-    config = getattr(inner, "config", None)
-    if any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale")):
-        return None, None
-    get_decoder = getattr(inner, "get_decoder", None)
-    decoder = get_decoder() if get_decoder else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if decoder is None or head is None or decoder is inner:
-        return None, None
-    return decoder, head
-
+# ---------------------------------------------------------------- perplexity
 
 @torch.no_grad()
-def perplexity(model, batches: Iterable[dict]) -> Tuple[float, int]:
-    """``(exp(summed loss / target tokens), target tokens)`` over ``batches``; the model is left as it was."""
+def perplexity(model, batches: Iterable[dict], dtype: Optional[torch.dtype] = None,
+               advance: Optional[Callable[[int], None]] = None) -> Tuple[float, int]:
+    """``(exp(summed loss / target tokens), target tokens)`` over ``batches`` (computed in ``dtype``,
+    the model's compute dtype; None: as the weights are); the model is left as it was.
+    ``advance(target tokens)`` is called after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
         for batch in batches:
-            loss, count = token_loss(model, batch)
+            loss, count = token_loss(model, batch, dtype)
             total += float(loss)
             tokens += count
+            if advance is not None:
+                advance(count)
     finally:
         model.train(was_training)
     if tokens == 0:
@@ -150,10 +56,39 @@ def read_prompts(spec: EvalSpec) -> List[str]:
     return prompts[: spec.max_prompts] if spec.max_prompts else prompts
 
 
+def decoding_settings(spec: EvalSpec) -> dict:
+    """The settings that decide a reply to a prompt (part of the base figures' cache key)."""
+    settings = {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
+                "repetition_penalty": spec.repetition_penalty, "no_repeat_ngram_size": spec.no_repeat_ngram_size}
+    if spec.temperature > 0:
+        settings.update(top_p=spec.top_p, seed=spec.seed)
+    return settings
+
+
+def describe_decoding(spec: EvalSpec) -> str:
+    """The decoding settings in words, for the top of samples.md."""
+    how = (f"sampled (temperature {spec.temperature:g}, top_p {spec.top_p:g}, seed {spec.seed})"
+           if spec.temperature > 0 else "greedy (temperature 0)")
+    return (f"Decoding: {how}, repetition_penalty {spec.repetition_penalty:g}, no_repeat_ngram_size "
+            f"{spec.no_repeat_ngram_size}, max_new_tokens {spec.max_new_tokens}; the same prompts and "
+            "settings for the base and the tuned model.")
+
+
+def _generate_kwargs(spec: EvalSpec, model, tokenizer) -> dict:
+    sampling = spec.temperature > 0
+    return dict(max_new_tokens=spec.max_new_tokens, do_sample=sampling, num_beams=1,
+                temperature=spec.temperature if sampling else None, top_p=spec.top_p if sampling else None,
+                top_k=None, repetition_penalty=spec.repetition_penalty,
+                no_repeat_ngram_size=spec.no_repeat_ngram_size, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=_stop_ids(model, tokenizer), use_cache=True)
+
+
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: List[str], max_new_tokens: int,
-                     batch_size: int = 8) -> List[str]:
-    """Greedy replies to single-turn user ``prompts`` through the chat template, batched (left padding)."""
+def generate_replies(model, tokenizer, prompts: List[str], spec: EvalSpec,
+                     dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Replies to single-turn user ``prompts`` through the chat template, decoded as ``spec`` says,
+    batched ``spec.batch_size`` at a time (left padding) with the KV cache. Sampling is seeded by
+    ``spec.seed`` per batch, so base and tuned replies draw alike and a re-run repeats them."""
     from qlora_ray.model import device_of
 
     if not prompts:
@@ -162,24 +97,33 @@ def generate_replies(model, tokenizer, prompts: List[str], max_new_tokens: int,
     model.eval()
     tokenizer.padding_side = "left"
     replies: List[str] = []
+    kwargs = _generate_kwargs(spec, model, tokenizer)
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+        for start in range(0, len(prompts), spec.batch_size):
+            chunk = prompts[start:start + spec.batch_size]
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True) for p in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = to_device(dict(enc), device_of(model))
-            with autocast(model):
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=_stop_ids(model, tokenizer), use_cache=True,
-                                     temperature=None, top_p=None, top_k=None)
+            if spec.temperature > 0:
+                torch.manual_seed(spec.seed + start)
+            with autocast(model, dtype):
+                out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1]:]
             replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return replies
+
+
+def ngram_repeats(text: str, n: int = 3) -> int:
+    """How often the most frequent run of ``n`` words occurs in ``text`` (words: lower-cased, with
+    punctuation stripped), 0 when the text has fewer than ``n`` words. A looping reply such as
+    "kabir, kabir, kabir, kabir" scores high; readable text scores 1 or 2."""
+    words = [w for w in (re.sub(r"[^\w']+", "", t.lower()) for t in text.split()) if w]
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return max(counts.values(), default=0)
 
 
 def _stop_ids(model, tokenizer) -> List[int]:
@@ -189,43 +133,52 @@ def _stop_ids(model, tokenizer) -> List[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def chat_reply(model, tokenizer, messages: List[dict], max_new_tokens: int) -> str:
-    """One greedy assistant reply to a conversation (list of {role, content})."""
+def chat_reply(model, tokenizer, messages: List[dict], spec: EvalSpec,
+               dtype: Optional[torch.dtype] = None) -> str:
+    """One assistant reply to a conversation (list of {role, content}), decoded as ``spec`` says."""
     from qlora_ray.model import device_of
 
     model.eval()
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = to_device(dict(tokenizer(text, return_tensors="pt", add_special_tokens=False)), device_of(model))
-    with torch.no_grad(), autocast(model):
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(model, tokenizer),
-                             use_cache=True, temperature=None, top_p=None, top_k=None)
+    if spec.temperature > 0:
+        torch.manual_seed(spec.seed)
+    with torch.no_grad(), autocast(model, dtype):
+        out = model.generate(**enc, **_generate_kwargs(spec, model, tokenizer))
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 # ---------------------------------------------------------------- the base model, once
 
-def measure(model, tokenizer, prepared, spec: JobSpec) -> Baseline:
-    """Perplexity (if ``eval.perplexity``) and replies to the prompts for an already loaded model."""
+def measure(model, tokenizer, prepared, spec: JobSpec, dtype: Optional[torch.dtype] = None) -> Baseline:
+    """Perplexity (if ``eval.perplexity``) and replies to the prompts for an already loaded model
+    computing in ``dtype``."""
     from qlora_ray import data
 
     ppl, tokens = None, 0
     if spec.eval.perplexity and prepared.eval:
-        ppl, tokens = perplexity(model, data.eval_batches(prepared, spec.eval.batch_size))
+        ppl, tokens = perplexity(model, data.eval_batches(prepared, spec.eval.batch_size), dtype)
     prompts = read_prompts(spec.eval)
-    replies = generate_replies(model, tokenizer, prompts, spec.eval.max_new_tokens, spec.eval.batch_size)
+    replies = generate_replies(model, tokenizer, prompts, spec.eval, dtype)
     return Baseline(perplexity=ppl, target_tokens=tokens, replies=replies, prompts=prompts)
 
 
 def baseline(spec: JobSpec) -> Baseline:
-    """Load the (quantized) base model of ``spec`` and measure it on the spec's eval set and prompts."""
+    """The figures of the (quantized) base model of ``spec`` on the spec's eval set and prompts:
+    from the base-figure cache, else the model is loaded and measured (and the figures cached)."""
     from qlora_ray import data
-    from qlora_ray.model import load_base
+    from qlora_ray.base_cache import base_key, cached
+    from qlora_ray.model import load_base, load_tokenizer, pick_device
 
-    torch.manual_seed(spec.train.seed)
-    model, tokenizer = load_base(spec)
+    tokenizer = load_tokenizer(spec.model, spec.data.cache_dir)
     prepared = data.prepare(spec.data, tokenizer)
-    return measure(model, tokenizer, prepared, spec)
+
+    def measure_now() -> Baseline:
+        torch.manual_seed(spec.train.seed)
+        model, tokenizer, dtype, _ = load_base(spec)
+        return measure(model, tokenizer, prepared, spec, dtype)
+
+    return cached(base_key(spec, tokenizer, prepared, pick_device(spec.resources)), measure_now)
 
 
 # ---------------------------------------------------------------- samples.md
@@ -234,11 +187,13 @@ def _cell(text: str) -> str:
     return (text or "(empty)").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
 
-def write_samples(path, prompts: List[str], base_replies: List[str], tuned_replies: List[str]) -> Path:
-    """A markdown table: each prompt with the base model's and the tuned model's reply side by side."""
+def write_samples(path, prompts: List[str], base_replies: List[str], tuned_replies: List[str],
+                  decoding: str = "") -> Path:
+    """A markdown table: each prompt with the base model's and the tuned model's reply side by side,
+    under ``decoding`` (``describe_decoding``: how both were generated)."""
     path = Path(path)
     lines = ["# Sample replies: base vs tuned", "",
-             "Greedy decoding, the same prompts and settings for both models.", "",
+             decoding or "The same prompts and decoding settings for both models.", "",
              "| # | prompt | base | tuned |", "| --- | --- | --- | --- |"]
     for i, prompt in enumerate(prompts):
         base = base_replies[i] if i < len(base_replies) else ""

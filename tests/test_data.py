@@ -249,6 +249,53 @@ def test_csv_parquet_and_glob_sources(tmp_path, tok):
     assert locate_row(globbed.first_skipped_rows["not_json"][0], globbed.files) == "part-2.jsonl:3"
 
 
+def test_byte_order_mark_is_not_part_of_row_one(tmp_path, tok):
+    """Files saved by Windows editors start with a UTF-8 BOM; every format reads row 1 as data."""
+    import pandas as pd
+
+    bom = b"\xef\xbb\xbf"
+    rows = tiny_rows()[:3]
+    (tmp_path / "bom.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps(rows).encode("utf-8"))
+    pairs = [(c[0][1], c[1][1]) for c in TINY_CHATS[:3]]
+    (tmp_path / "bom.csv").write_bytes(bom + pd.DataFrame(pairs, columns=["prompt", "response"])
+                                       .to_csv(index=False).encode("utf-8"))
+    for name in ("bom.jsonl", "bom.json", "bom.csv"):
+        stats = prepare(spec_for(tmp_path / f"cache-{name}", tmp_path / name), tok).train_stats
+        assert (stats.examples, stats.skipped, stats.formats.keys() - {"messages", "prompt_response"}) == (3, {}, set()), name
+
+
+def test_latin1_rows_are_reported_as_not_utf8(tmp_path, tok):
+    good = json.dumps({"prompt": "Chai?", "response": "Haan, ek cup."}) + "\n"
+    bad = json.dumps({"prompt": "Café?", "response": "Oui."}, ensure_ascii=False) + "\n"
+    (tmp_path / "mixed.jsonl").write_bytes(good.encode("utf-8") + bad.encode("latin-1") + good.encode("utf-8"))
+    stats = prepare(spec_for(tmp_path, tmp_path / "mixed.jsonl"), tok).train_stats
+    assert stats.skipped == {"not_utf8": 1} and stats.first_skipped_rows == {"not_utf8": [2]}
+    (tmp_path / "latin1.jsonl").write_bytes(bad.encode("latin-1") * 3)
+    with pytest.raises(UserError, match=r"latin1.jsonl: no usable rows in data.train .*not_utf8 \(not UTF-8 text"):
+        prepare(spec_for(tmp_path, tmp_path / "latin1.jsonl"), tok)
+    (tmp_path / "latin1.csv").write_bytes("prompt,response\nCafé?,Oui.\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.csv: not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
+        prepare(spec_for(tmp_path, tmp_path / "latin1.csv"), tok)
+
+
+def test_an_empty_eval_file_is_a_user_error(tmp_path, tok):
+    """Else the run trains, measures no perplexity at all, and exits 0."""
+    train = write_jsonl(tmp_path / "train.jsonl", tiny_rows())
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=rf"{name}: data.eval is empty \(no rows\)"):
+            prepare(spec_for(tmp_path, train, eval=str(tmp_path / name)), tok)
+
+
+def test_a_train_set_too_small_to_hold_out_is_a_user_error(tmp_path, tok):
+    one = write_jsonl(tmp_path / "one.jsonl", tiny_rows()[:1])
+    with pytest.raises(UserError, match=r"one.jsonl: data.train has 1 row, too few to hold out "
+                                        r"data.eval_fraction \(0.05\).*data.eval_fraction: 0"):
+        prepare(spec_for(tmp_path, one, eval_fraction=0.05), tok)
+    assert prepare(spec_for(tmp_path, one, eval_fraction=0.0), tok).train_stats.examples == 1
+
+
 def test_hf_source_goes_through_datasets_load_dataset(tmp_path, tok, monkeypatch):
     # Only the hub download is mocked: datasets.load_dataset is replaced by a stand-in that
     # records its arguments and returns a real datasets.Dataset, as the hub call would.
@@ -415,8 +462,9 @@ def test_unpacked_train_and_eval_batches_are_right_padded(tmp_path, tok):
     evals = list(eval_batches(prepared, batch_size=3))
     assert [len(b["input_ids"]) for b in evals] == [3, 3, 3, 3, 3, 1]
     first = evals[0]
-    lengths = [len(e.input_ids) for e in prepared.eval[:3]]
-    assert first["attention_mask"].sum(-1).tolist() == lengths  # fixed order: the file's
+    lengths = sorted((len(e.input_ids) for e in prepared.eval), reverse=True)[:3]
+    assert first["attention_mask"].sum(-1).tolist() == lengths  # longest first: little padding
+    assert sum(int(b["attention_mask"].sum()) for b in evals) == sum(len(e.input_ids) for e in prepared.eval)
     for row, n in enumerate(lengths):
         assert (first["input_ids"][row, n:] == tok.pad_token_id).all()
         assert (first["labels"][row, n:] == IGNORE).all()

@@ -29,6 +29,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from multinode import T4_WORKER, LoopbackCluster  # noqa: E402
 
+pytestmark = pytest.mark.ray
 HEAD = {"num_cpus": 2, "num_gpus": 0}
 T4_TRIALS = "gpus_per_trial: 1, accelerator_type: T4"
 
@@ -246,7 +247,10 @@ def _node_kill(cluster, tiny_spec_file, name: str, sweep: str, n_trials: int, re
         "seconds_to_restart": round(t_restart - t_kill, 1), "seconds_to_progress": round(t_progress - t_kill, 1),
         "seconds_to_add_replacement": round(t_replaced - t_kill, 1) if t_replaced else None,
         "seconds_to_kill_node": kill_s, "sweep_wall_s": round(time.time() - sweep_run.started, 1),
-        "placements": placements, "recovered": True,
+        "placements": placements,
+        # What was seen, not assumed: every trial finished, the victim from a checkpoint on another node.
+        "recovered": [t["status"] for t in board["trials"]] == ["finished"] * n_trials
+                     and _steps(victim) == list(range(1, 16)) and nodes[1] != node,
     }
 
 
@@ -404,7 +408,9 @@ def test_driver_killed_then_resubmitted_with_a_corrupt_checkpoint(pool, tiny_spe
         "steps_lost": steps_done - previous,
         "seconds_for_ray_to_stop_orphaned_worker": round(t_stopped - t_kill, 1),
         "seconds_resubmit_to_restart": round(t_restart - t_resubmit, 1),
-        "finished_trials_rerun": 0, "warnings": len(warnings) + len(fallback), "recovered": True,
+        "finished_trials_rerun": len(_starts(first)) - 1, "warnings": len(warnings) + len(fallback),
+        "recovered": [t["status"] for t in board["trials"]] == ["finished", "finished"]
+                     and _steps(second) == list(range(1, 31)),
     })
 
 
@@ -468,9 +474,11 @@ def test_full_disk_fails_the_trial_clearly_and_loses_nothing_else(pool, tiny_spe
         assert (other / "metrics.jsonl").read_bytes() == other_before
         record({
             "fault": "disk full under one trial (64 KiB tmpfs)", "simulated_with": "tmpfs mount (root)",
-            "failed_at_step": checkpoint_step, "failed_trial_reason": reason, "reason_is_clear": True,
-            "other_trial": "finished", "steps_lost": checkpoint_step,  # no checkpoint: restarts at 0
-            "seconds_resubmit_to_done": round(time.time() - t0, 1), "recovered": True,
+            "failed_at_step": checkpoint_step, "failed_trial_reason": reason,
+            "reason_is_clear": reason.startswith("DiskFullError: no space left on device while writing checkpoint"),
+            "other_trial": by_id[other.name]["status"], "steps_lost": checkpoint_step,  # no checkpoint: restarts at 0
+            "seconds_resubmit_to_done": round(time.time() - t0, 1),
+            "recovered": [t["status"] for t in _board(exp)["trials"]] == ["finished", "finished"],
         })
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)

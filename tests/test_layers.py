@@ -1,8 +1,12 @@
-"""The import rule between layers, checked by parsing every module (no imports executed):
+"""The import rules between layers, checked by parsing every module (no imports executed):
 
-- spec, plan and results import neither torch nor ray, not even through another qlora_ray module;
-- only the runtime imports ``ray.tune``;
-- the training side (train, evaluate, data, model) never imports ray: it receives ``report``.
+- spec, plan, records, layout, results and storage import neither torch nor ray, not even
+  through another qlora_ray module (results read from a URI without Ray);
+- only the runtime package imports ``ray.tune`` or ``ray.train``; only it and ``cluster``
+  (Ray Core checks) import ray at all, and its pure parts (capacity, experiment, faults) do not;
+- only the training side (train, loss, evaluate, model, data) and ``cluster``'s on-node probe
+  import torch, and the training side never reaches ray: it receives ``report``;
+- importing the runtime changes no environment variable.
 """
 
 from __future__ import annotations
@@ -71,24 +75,44 @@ def _present(names):
             for n in names]
 
 
+def _in(name: str, packages) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+PURE = ["qlora_ray.spec", "qlora_ray.plan", "qlora_ray.records", "qlora_ray.layout", "qlora_ray.results",
+        "qlora_ray.storage"]
+TRAINING_SIDE = ["qlora_ray.train", "qlora_ray.loss", "qlora_ray.evaluate", "qlora_ray.data", "qlora_ray.model"]
+MAY_IMPORT_RAY = ["qlora_ray.runtime", "qlora_ray.cluster"]
+MAY_IMPORT_TORCH = [*TRAINING_SIDE, "qlora_ray.cluster"]  # cluster: the 4-bit probe, on the node it runs on
+RUNTIME_PURE = ["qlora_ray.runtime.capacity", "qlora_ray.runtime.experiment", "qlora_ray.runtime.faults"]
+
+
 def test_modules_found():
-    assert {"qlora_ray.spec", "qlora_ray.plan", "qlora_ray.results", "qlora_ray.runtime"} <= set(MODULES)
+    assert {*PURE, "qlora_ray.runtime", "qlora_ray.runtime.trial", "qlora_ray.train", "qlora_ray.train.loop",
+            "qlora_ray.loss"} <= set(MODULES)
 
 
-@pytest.mark.parametrize("name", _present(["qlora_ray.spec", "qlora_ray.plan", "qlora_ray.results"]))
+@pytest.mark.parametrize("name", _present(PURE))
 def test_pure_layers_import_neither_torch_nor_ray(name):
     bad = {imp: via for imp, via in _closure(name).items() if _top(imp) in ("torch", "ray")}
     assert not bad, f"{name} reaches {', '.join(f'{i} (imported by {v})' for i, v in sorted(bad.items()))}"
 
 
-def test_only_the_runtime_imports_ray_tune():
+def test_only_the_runtime_imports_ray_tune_and_ray_train():
     users = sorted(name for name in MODULES
-                   if any(imp == "ray.tune" or imp.startswith("ray.tune.") for imp in _imports(name)))
-    assert users == ["qlora_ray.runtime"]
+                   if any(_in(imp, ("ray.tune", "ray.train")) for imp in _imports(name)))
+    assert users and all(_in(name, ["qlora_ray.runtime"]) for name in users), users
 
 
-@pytest.mark.parametrize("name", _present(["qlora_ray.train", "qlora_ray.evaluate", "qlora_ray.data",
-                                           "qlora_ray.model"]))
+def test_who_imports_ray_and_torch():
+    ray_users = sorted(n for n in MODULES if any(_top(i) == "ray" for i in _imports(n)))
+    torch_users = sorted(n for n in MODULES if any(_top(i) == "torch" for i in _imports(n)))
+    assert [n for n in ray_users if not _in(n, MAY_IMPORT_RAY)] == []
+    assert [n for n in torch_users if not _in(n, MAY_IMPORT_TORCH)] == []
+    assert [n for n in ray_users if n in RUNTIME_PURE] == []  # capacity, experiment, faults: no Ray calls
+
+
+@pytest.mark.parametrize("name", _present(TRAINING_SIDE))
 def test_training_side_never_imports_ray(name):
     bad = {imp: via for imp, via in _closure(name).items() if _top(imp) == "ray"}
     assert not bad, f"{name} reaches {', '.join(f'{i} (imported by {v})' for i, v in sorted(bad.items()))}"
@@ -96,5 +120,30 @@ def test_training_side_never_imports_ray(name):
 
 def test_the_checker_sees_imports_inside_functions():
     """Guard against a checker that passes because it parses nothing."""
-    assert "ray.tune" in _imports("qlora_ray.runtime")
+    assert "ray.tune" in _imports("qlora_ray.runtime.trial")
+    assert "ray.train.torch" in _imports("qlora_ray.runtime.trial")  # imported inside a function
     assert any(_top(i) == "ray" for i in _closure("qlora_ray.runtime"))
+
+
+def test_importing_the_runtime_sets_no_environment_variable():
+    """Ray's reporter and local-process settings are applied around the calls that need them,
+    never at import (a library import must not change its host's environment)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, os, ray, ray.train, ray.tune; before = dict(os.environ); "
+            "import qlora_ray.runtime, qlora_ray.runtime.trial, qlora_ray.runtime.grid; "
+            "print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_production_code_reads_no_test_hooks():
+    """Faults are injected by tests through ``runtime.faults.install``; no environment variable
+    can make a real run kill or crash itself."""
+    readers = [name for name, path in MODULES.items() if "QLORA_RAY_TEST" in path.read_text(encoding="utf-8")]
+    assert readers == []

@@ -39,21 +39,21 @@ def test_resolve_dtype(monkeypatch, setting, device, capability, expected):
     ("int8", "Linear8bitLt", None), ("none", "Linear", None)])
 def test_load_base_quantizes_as_the_spec_says(tiny_spec_file, mode, layer, quant_type):
     spec = spec_for(tiny_spec_file, f"quantization.mode={mode}", "quantization.double_quant=true")
-    model, tokenizer = M.load_base(spec)
+    model, tokenizer, dtype, _ = M.load_base(spec)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer
     if quant_type:
         assert q_proj.weight.quant_state.quant_type == quant_type
         assert q_proj.weight.quant_state.nested  # double quantization
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert model.qlora_compute_dtype == torch.float32
+    assert dtype == torch.float32 and not hasattr(model, "qlora_compute_dtype")  # returned, not tagged on
     assert tokenizer.pad_token == "<|pad|>" and model.config.pad_token_id == tokenizer.pad_token_id
 
 
 def test_add_lora_trains_only_adapters(tiny_spec_file):
     spec = spec_for(tiny_spec_file, "lora.target_modules=[q_proj,v_proj]", "lora.rslora=true", "lora.r=4",
                     "lora.alpha=8", "train.gradient_checkpointing=true")
-    base, _ = M.load_base(spec)
+    base = M.load_base(spec).model
     model = M.add_lora(base, spec)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -62,7 +62,7 @@ def test_add_lora_trains_only_adapters(tiny_spec_file):
     assert model.get_base_model().is_activation_checkpointing
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rslora: alpha / sqrt(r)
-    everything = M.add_lora(M.load_base(spec_for(tiny_spec_file))[0], spec_for(tiny_spec_file))
+    everything = M.add_lora(M.load_base(spec_for(tiny_spec_file)).model, spec_for(tiny_spec_file))
     targeted = {n.split(".")[-4] for n, p in everything.named_parameters() if p.requires_grad}
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -85,13 +85,13 @@ def test_missing_pad_token_gets_a_real_one(tiny_spec_file, model_without_pad):
     spec = spec_for(tiny_spec_file, f"model.name={model_without_pad}")
     tokenizer = M.load_tokenizer(spec.model, spec.data.cache_dir)
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    model, tokenizer = M.load_base(spec)
+    model, tokenizer = M.load_base(spec)[:2]
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows == len(tokenizer) == tokenizer.pad_token_id + 1 == 401  # grown by one row
     assert model.config.pad_token_id == tokenizer.pad_token_id
     weight = model.get_input_embeddings().weight
     assert torch.allclose(weight[-1], weight[:-1].mean(0))  # deterministic, not random
-    again, _ = M.load_base(spec)
+    again = M.load_base(spec).model
     assert torch.equal(again.get_output_embeddings().weight[-1], model.get_output_embeddings().weight[-1])
 
 
@@ -161,7 +161,7 @@ def test_load_adapter_reproduces_the_trial(trained):
     trial, result, spec = trained
     for where in (trial / "adapter", trial, trial.parent):  # adapter, trial, or experiment folder
         assert M.find_adapter(where) == trial / "adapter"
-    model, tokenizer, saved = M.load_adapter(trial)
+    model, tokenizer, _, saved = M.load_adapter(trial)
     assert saved.model.name == spec.model.name and saved.quantization == spec.quantization
     assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     prepared = data.prepare(saved.data, tokenizer)

@@ -24,7 +24,7 @@ def _trial(exp: Path, tid: str, values: dict, status: str | None, steps: int = 4
     lines = [json.dumps({"step": s, "loss": 3.0 - 0.2 * s - values.get("lora.r", 0) / 100, "tokens_per_s": 900.0,
                          "total_steps": 4}) for s in range(1, steps + 1)]
     if final:
-        lines.append(json.dumps({"done": True, "step": steps, **final}))
+        (folder / "result.json").write_text(json.dumps({"schema": 1, "final": {"step": steps, **final}}))
     text = "\n".join(lines) + "\n"
     if torn:
         text += '{"step": 9, "lo'  # a trial writing right now
@@ -32,7 +32,7 @@ def _trial(exp: Path, tid: str, values: dict, status: str | None, steps: int = 4
     if status is not None:
         (folder / "status.json").write_text(json.dumps({
             "trial_id": tid, "values": values, "status": status, "reason": reason,
-            "trial_wall_s": wall, "result": {"done": True, "step": steps, **final} if final else None}))
+            "trial_wall_s": wall}))
     return folder
 
 

@@ -4,6 +4,7 @@ inheritance and the trial plan behave as documented."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -157,6 +158,34 @@ BAD = [
     ("null name", {"name": None}, "name", "must not be null"),
     ("eval fraction one", {"data": {"eval_fraction": 1.0}}, "data.eval_fraction", "[0, 1)"),
     ("max steps zero", {"train": {"max_steps": 0}}, "train.max_steps", ">= 1"),
+    # Numbers: finite, and within bounds that every library downstream accepts.
+    ("epochs nan", {"train": {"epochs": float("nan")}}, "train.epochs", "finite"),
+    ("epochs inf", {"train": {"epochs": float("inf")}}, "train.epochs", "finite"),
+    ("max_grad_norm nan", {"train": {"max_grad_norm": float("nan")}}, "train.max_grad_norm", "finite"),
+    ("lr nan", {"train": {"lr": float("nan")}}, "train.lr", "finite"),
+    ("data seed negative", {"data": {"seed": -1}}, "data.seed", "[0, 4294967295]"),
+    ("train seed 1e20", {"train": {"seed": 10**20}}, "train.seed", "<= 4,294,967,295"),
+    ("rank 1e30", {"lora": {"r": 10**30}}, "lora.r", "<= 4,096"),
+    ("max steps huge", {"train": {"max_steps": 10**19}}, "train.max_steps", "<= 2,147,483,647"),
+    ("swept rank huge", {"sweep": {"lora.r": [8, 10**30]}}, "sweep.lora.r[1]", "<= 4,096"),
+    ("swept epochs nan", {"sweep": {"train.epochs": [1.0, float("nan")]}}, "sweep.train.epochs[1]", "finite"),
+    # Names: they name folders and Ray runs.
+    ("name with NUL", {"name": "a\0b"}, "name", "control character"),
+    ("name over 255 bytes", {"name": "x" * 256}, "name", "bytes"),
+    ("name long with the sweep suffix", {"name": "x" * 198, "sweep": {"lora.r": [8, 16]}}, "name", "sweep suffix"),
+    # output.dir must be a folder that can be written.
+    ("output is a file", {"output": {"dir": "train.jsonl"}}, "output.dir", "is a file"),
+    ("output under a file", {"output": {"dir": "train.jsonl/runs"}}, "output.dir", "is a file"),
+    # Plans: a limit on their size, and no trial twice.
+    ("sweep of 10,000 trials", {"sweep": {"lora.r": list(range(1, 101)), "train.seed": list(range(100))}},
+     "sweep", "over resources.max_trials (1,000)"),
+    ("sweep over a lowered max_trials", {"resources": {"max_trials": 4},
+                                         "sweep": {"lora.r": [4, 8, 16], "train.lr": [1e-4, 2e-4]}},
+     "sweep", "over resources.max_trials (4)"),
+    ("max_trials zero", {"resources": {"max_trials": 0}}, "resources.max_trials", ">= 1"),
+    ("sweep lists one value twice as typed", {"sweep": {"train.lr": [1.0e-4, "1e-4"]}}, "sweep.train.lr[1]", "twice"),
+    ("swept train file missing", {"sweep": {"data.train": ["train.jsonl", "nope.jsonl"]}},
+     "sweep.data.train[1]", "no file matches"),
 ]
 
 
@@ -213,3 +242,127 @@ def test_absolute_output_and_uri_are_allowed(tmp_path):
     for out in (str(tmp_path / "elsewhere"), "s3://bucket/runs"):
         spec = load_spec(_write(tmp_path / "s.yaml", _good(tmp_path, output={"dir": out})))
         assert spec.output.dir == out
+
+
+# ------------------------------------------------------------------ hostile input
+
+def _alias_bomb(levels: int = 9, inside_sweep: bool = False) -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    # Anchors are defined inside a value the schema would reject anyway; the alias is what is used.
+    body = "\n".join("  " + line for line in lines)
+    use = f"sweep:\n  lora.target_modules: *a{levels - 1}\n" if inside_sweep else f"eval: {{prompts: *a{levels - 1}}}\n"
+    return f"name: t\nmodel: {{name: org/model}}\ndata: {{train: train.jsonl}}\nunused:\n{body}\n{use}"
+
+
+@pytest.mark.parametrize("inside_sweep", [False, True], ids=["top", "sweep"])
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, inside_sweep):
+    """A 9-level alias bomb (9**9 strings once expanded) is refused, with a short message."""
+    _good(tmp_path)
+    text = _alias_bomb(inside_sweep=inside_sweep)
+    assert len(text) < 1000
+    path = _write(tmp_path / "bomb.yaml", text)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output[:2000]
+    assert "aliases (*a0) are not allowed" in result.output and str(path) in result.output
+    assert len(result.output) < 1000
+
+
+def test_alias_in_an_override_is_not_expanded(tmp_path):
+    path = _write(tmp_path / "s.yaml", _good(tmp_path))
+    result = runner.invoke(app, ["validate", str(path), "lora.target_modules=[&x q_proj, *x]"])
+    assert result.exit_code == 2 and "command line: lora.target_modules: aliases (*x) are not allowed" in result.output
+
+
+def test_duplicate_keys_are_refused_naming_each(tmp_path):
+    _good(tmp_path)
+    text = ("name: t\nmodel: {name: org/model}\ndata: {train: train.jsonl}\n"
+            "train:\n  lr: 1.0e-4\n  epochs: 2\n  lr: 3.0e-4\nsweep:\n  lora.r: [8]\n  lora.r: [16]\n")
+    result = runner.invoke(app, ["validate", str(_write(tmp_path / "dup.yaml", text))])
+    assert result.exit_code == 2, result.output
+    assert "dup.yaml: train.lr: duplicate key (line 7; first on line 5)" in result.output
+    assert "dup.yaml: sweep.lora.r: duplicate key" in result.output
+
+
+def test_a_huge_value_is_not_echoed_whole(tmp_path):
+    spec = _good(tmp_path, lora={"r": "9" * 200_000 + "x"}, data={"format": "y" * 200_000})
+    spec["z" * 100_000] = 1
+    result = runner.invoke(app, ["validate", str(_write(tmp_path / "huge.yaml", spec))])
+    assert result.exit_code == 2
+    for key in ("lora.r: wrong type", "data.format:", "unknown key"):
+        assert key in result.output
+    assert len(result.output) < 3000, len(result.output)
+
+
+def test_spec_that_is_not_utf8_is_named(tmp_path):
+    _good(tmp_path)
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: café\nmodel: {name: org/model}\ndata: {train: train.jsonl}\n".encode("latin-1"))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}: is not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_spec_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(_good(tmp_path)).encode("utf-8"))
+    assert load_spec(path).name == "t"
+
+
+def test_base_on_the_command_line_is_refused(tmp_path):
+    _write(tmp_path / "parent.yaml", _good(tmp_path, lora={"r": 64}))
+    path = _write(tmp_path / "s.yaml", _good(tmp_path))
+    result = runner.invoke(app, ["validate", str(path), "base=parent.yaml"])
+    assert result.exit_code == 2, result.output
+    assert "command line: base: cannot be given as an override" in result.output
+
+
+def test_swept_paths_are_relative_to_the_spec_and_checked(tmp_path, monkeypatch):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (jobs / name).write_text('{"text": "hi"}\n')
+    path = _write(jobs / "s.yaml", {"name": "t", "model": {"name": "org/model"}, "data": {"train": "a.jsonl"},
+                                    "sweep": {"data.train": ["a.jsonl", "b.jsonl"]}})
+    monkeypatch.chdir(tmp_path)  # not the spec's folder
+    trials = expand(load_spec(path))
+    assert [t.spec.data.train for t in trials] == [str(jobs / "a.jsonl"), str(jobs / "b.jsonl")]
+    assert [t.id for t in trials] == ["t-traina.jsonl", "t-trainb.jsonl"]
+
+
+def test_empty_data_files_fail_validate(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    for key in ("train", "eval"):
+        path = _write(tmp_path / "s.yaml", _good(tmp_path, data={key: "empty.jsonl"}))
+        result = runner.invoke(app, ["validate", str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"s.yaml: data.{key}: '{tmp_path / 'empty.jsonl'}' is empty" in result.output
+
+
+def test_read_only_output_dir_fails_validate(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    target = locked / "runs"
+    if os.access(locked, os.W_OK):
+        # Permission bits do not bind root; /proc/sys refuses writes to everyone.
+        if os.access("/proc/sys", os.W_OK) or not os.path.isdir("/proc/sys"):
+            pytest.skip("no read-only folder for this user")
+        target = Path("/proc/sys/qlora-ray-runs")
+    path = _write(tmp_path / "s.yaml", _good(tmp_path, output={"dir": str(target)}))
+    result = runner.invoke(app, ["validate", str(path)])
+    locked.chmod(0o755)
+    assert result.exit_code == 2, result.output
+    assert f"s.yaml: output.dir: '{target}' cannot be created" in result.output
+    assert "not writable" in result.output
+
+
+def test_max_trials_in_the_spec_raises_the_limit(tmp_path):
+    sweep = {"lora.r": list(range(1, 41)), "train.seed": list(range(30))}
+    path = _write(tmp_path / "s.yaml", {**_good(tmp_path), "sweep": sweep})
+    with pytest.raises(SpecError, match="plans 1,200 trials .* over resources.max_trials"):
+        load_spec(path)
+    trials = expand(load_spec(path, ["resources.max_trials=1200"]))
+    assert len(trials) == len({t.id for t in trials}) == 1200
+    assert all(t.spec.sweep == {} for t in trials)

@@ -17,13 +17,15 @@ import torch
 from typer.testing import CliRunner
 
 from qlora_ray import train as training
+from qlora_ray.train import checkpoint as checkpoint_module
+from qlora_ray.train import step as step_module
 from qlora_ray.cli import app
 from qlora_ray.spec import TrainSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_JOB = ROOT / "jobs" / "hinglish_smoke.yaml"
 FINAL_KEYS = {"step", "train_loss", "eval_ppl", "base_ppl", "ppl_change", "tokens_per_s", "peak_mem_gb",
-              "wall_s", "train_s", "done"}
+              "wall_s", "train_s"}
 
 
 def tiny_spec(folder: Path, model_dir: Path, data_dir: Path, overrides=()):
@@ -46,20 +48,20 @@ output: {{dir: {folder}/runs}}
 
 
 class Recorder:
-    """Wraps the loss function ``fit`` calls: a fingerprint of every micro-batch trained on."""
+    """Wraps the step's model forward: a fingerprint of every micro-batch trained on."""
 
     def __init__(self, monkeypatch, fail_at=None):
         self.seen, self.fail_at = [], fail_at
-        real = training.token_loss
+        real = step_module.model_loss
 
-        def wrapped(model, batch):
+        def wrapped(model, batch, dtype):
             self.seen.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12])
-            loss, count = real(model, batch)
+            loss, count = real(model, batch, dtype)
             if self.fail_at is not None and len(self.seen) == self.fail_at:
                 loss = loss * float("inf")
             return loss, count
 
-        monkeypatch.setattr(training, "token_loss", wrapped)
+        monkeypatch.setattr(step_module, "model_loss", wrapped)
 
 
 class Killed(Exception):
@@ -96,29 +98,33 @@ def reference(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 
 def test_fit_trains_and_writes_the_trial_folder(reference):
     result, reports, trial = reference["result"], reference["reports"], reference["trial"]
-    assert result.step == 6 and result.total_steps == 6 and result.done
+    assert result.step == 6 and result.total_steps == 6
     # The model learns: tuned perplexity on the held-out set is below the base's, loss falls.
     assert result.eval_ppl < result.base_ppl
     assert result.ppl_change == pytest.approx(result.eval_ppl / result.base_ppl - 1)
-    losses = [m["loss"] for m, _ in reports if not m.get("done")]
+    losses = [m["loss"] for m, _ in reports]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    # Checkpoints are reported at steps 3 and 6; the final report has every figure and done=True.
+    # Checkpoints are reported at steps 3 and 6; every report is a step row (no flag rides in it).
     assert [(m["step"], Path(c).name) for m, c in reports if c] == [(3, "step_3"), (6, "step_6")]
-    final, checkpoint = reports[-1]
-    assert checkpoint is None and FINAL_KEYS <= set(final) and final["done"] is True
-    assert all(math.isfinite(final[k]) for k in FINAL_KEYS - {"done"})
+    assert all("done" not in m and "final" not in m for m, _ in reports)
+    # The final figures are the result, stored once: result.json.
+    final = json.loads((trial / "result.json").read_text())
+    assert final["schema"] == 1 and final["error"] is None
+    final = final["final"]
+    assert FINAL_KEYS <= set(final) and final == result.fields()
+    assert all(math.isfinite(final[k]) for k in FINAL_KEYS)
     assert final["tokens_per_s"] > 0 and final["peak_mem_gb"] > 0
     # 8 micro-batches of 4 packed rows per epoch: step 4 starts epoch 1.
     assert [m["epoch"] for m, _ in reports[:6]] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-    assert {p.name for p in trial.iterdir()} >= {"resolved_spec.yaml", "metrics.jsonl", "samples.md", "adapter",
-                                                 "checkpoints", "baseline.json"}
+    assert {p.name for p in trial.iterdir()} >= {"resolved_spec.yaml", "metrics.jsonl", "result.json", "samples.md",
+                                                 "adapter", "checkpoints", "baseline.json"}
     rows = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6] and rows[-1]["done"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and {r["schema"] for r in rows} == {1}
     assert {p.name for p in (trial / "adapter").iterdir()} >= {
         "adapter_config.json", "adapter_model.safetensors", "qlora_ray_spec.yaml", "tokenizer.json"}
     checkpoint_files = {p.name for p in (trial / "checkpoints" / "step_6").iterdir()}
     assert checkpoint_files == {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
-                                "state.json", "manifest.json"}
+                                "state.json", "manifest.json", "spec.yaml"}
     samples = (trial / "samples.md").read_text()
     assert "| 1 | Chai kaise banate hain? |" in samples and "| 2 | Kal barish hogi? |" in samples
 
@@ -172,7 +178,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
 
     result, reports = run_fit(spec, trial, resume_from=str(trial / "checkpoints" / "step_3"))
     assert result.step == reference["result"].step == 6
-    assert [m["step"] for m, _ in reports] == [4, 5, 6, 6]
+    assert [m["step"] for m, _ in reports] == [4, 5, 6]
     # Same batches in the same order (the resumed epoch skips what was trained), same losses.
     assert recorder.seen == reference["batches"]
     expected = [m["loss"] for m, _ in reference["reports"][3:6]]
@@ -181,7 +187,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path, monkeypatch):
     assert result.eval_ppl == pytest.approx(reference["result"].eval_ppl, rel=1e-5)
     assert result.base_ppl == pytest.approx(reference["result"].base_ppl, rel=1e-9)
     steps = [json.loads(line)["step"] for line in (trial / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, caplog):
@@ -196,7 +202,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
         result, reports = run_fit(reference["spec"], trial, resume_from=str(optimizer.parent))
     assert "step_6 is unusable" in caplog.text and "earlier checkpoint" in caplog.text
-    assert [m["step"] for m, _ in reports] == [4, 5, 6, 6]
+    assert [m["step"] for m, _ in reports] == [4, 5, 6]
     assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
 
 
@@ -210,7 +216,7 @@ def test_half_written_checkpoint_is_detected(tmp_path):
 
 
 class FullDisk:
-    """``open`` for train.py's checkpoint writer: once ``full`` is set, files opened for writing
+    """``open`` for the checkpoint writer: once ``full`` is set, files opened for writing
     under ``root`` take ``room`` more bytes in all, then the write fails with ``code`` (ENOSPC:
     what a full disk does to a write; part of the data is on disk)."""
 
@@ -260,7 +266,7 @@ def test_full_disk_while_checkpointing_is_a_clear_error(tmp_path, tiny_model_dir
     if how == "disk full mid-file":
         code, words = errno.ENOSPC, "no space left on device"
         disk = FullDisk(root, code)
-        monkeypatch.setattr(training, "open", disk, raising=False)
+        monkeypatch.setattr(checkpoint_module, "open", disk, raising=False)
     else:
         code, words = errno.EDQUOT, "disk quota exceeded"
         disk = FullDisk(root, code)
@@ -312,7 +318,7 @@ def test_resume_prefers_a_newer_sound_checkpoint_than_the_one_ray_hands_back(ref
 
     # The worker died between writing step_6 and its metrics row: resuming there would leave a
     # gap in the history, so Ray's step 3 stands.
-    rows = [line for line in metrics.splitlines() if json.loads(line).get("done") or json.loads(line)["step"] != 6]
+    rows = [line for line in metrics.splitlines() if json.loads(line)["step"] != 6]
     (trial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qlora_ray.train"):
@@ -327,13 +333,13 @@ def test_resume_prefers_a_newer_sound_checkpoint_than_the_one_ray_hands_back(ref
     (step_6 / "manifest.json").unlink()
     assert training.find_checkpoint(str(ray_3), trial) == step_3
 
-    # fit itself resumes from the newer checkpoint: at step 6 of 6 only the final report is left.
+    # fit itself resumes from the newer checkpoint: at step 6 of 6 only the evaluation is left.
     shutil.rmtree(step_6)
     shutil.copytree(reference["trial"] / "checkpoints" / "step_6", step_6)
     shutil.rmtree(ray_3)
     shutil.copytree(step_3, ray_3)
     result, reports = run_fit(reference["spec"], trial, resume_from=str(ray_3))
-    assert [m["step"] for m, _ in reports] == [6] and reports[0][0]["done"]
+    assert reports == [] and result.step == 6
     assert result.train_loss == pytest.approx(reference["result"].train_loss, rel=1e-5)
 
 
@@ -363,10 +369,58 @@ def test_train_command_trains_and_resumes(tiny_spec_file):
     assert "tuned eval ppl" in result.output and "adapter:" in result.output
     trial = tiny_spec_file.parent / "runs" / "tiny" / "tiny"
     assert (trial / "adapter" / "adapter_model.safetensors").is_file()
-    # A second run finds the final checkpoint and only evaluates again.
+    # A second run of a finished trial trains nothing and rewrites nothing (peak memory stays).
+    result_before = (trial / "result.json").read_text()
     again = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
     assert again.exit_code == 0, again.output
-    assert "resuming from" in again.output and "step_2" in again.output
+    assert "trial tiny is already finished" in again.output and "--fresh" in again.output
+    assert "resuming from" not in again.output
+    assert (trial / "result.json").read_text() == result_before
+    # More steps: it trains on from the final checkpoint.
+    more = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=3", "--quiet"])
+    assert more.exit_code == 0, more.output
+    assert "resuming from" in more.output and "step_2" in more.output
+    assert json.loads((trial / "result.json").read_text())["final"]["step"] == 3
+
+
+def test_resume_under_a_changed_spec_is_refused(tiny_spec_file):
+    """A checkpoint carries the spec it was trained under; a resume under a spec that differs in a
+    key that changes training (lr, r) is refused, exit 2, naming the keys and --fresh, with nothing
+    written; keys that may change (max_steps, eval settings) resume."""
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
+    assert first.exit_code == 0, first.output
+    trial = tiny_spec_file.parent / "runs" / "tiny" / "tiny"
+    assert (trial / "checkpoints" / "step_2" / "spec.yaml").is_file()
+    saved = (trial / "resolved_spec.yaml").read_text()
+    files = sorted(p.name for p in trial.rglob("*"))
+    changed = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=4", "train.lr=1.0e-5",
+                                  "lora.r=8", "--quiet"])
+    assert changed.exit_code == 2, changed.output
+    assert "train.lr: 0.005 -> 1e-05" in changed.output and "lora.r: 4 -> 8" in changed.output
+    assert "--fresh" in changed.output and "max_steps" not in changed.output
+    assert (trial / "resolved_spec.yaml").read_text() == saved  # the check comes before any write
+    assert sorted(p.name for p in trial.rglob("*")) == files
+    same = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=3", "eval.max_new_tokens=2",
+                               "--quiet"])
+    assert same.exit_code == 0, same.output
+    assert "resuming from" in same.output and "step_2" in same.output
+
+
+def test_train_fresh_moves_the_previous_trial_aside(tiny_spec_file):
+    """``train --fresh`` keeps the previous run: its folder moves to <name>.old-<time>/ first."""
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet"])
+    assert first.exit_code == 0, first.output
+    runs = tiny_spec_file.parent / "runs"
+    old_rows = (runs / "tiny" / "tiny" / "metrics.jsonl").read_text()
+    fresh = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=1", "--fresh", "--quiet"])
+    assert fresh.exit_code == 0, fresh.output
+    aside = [p for p in runs.iterdir() if p.name.startswith("tiny.old-")]
+    assert len(aside) == 1 and f"moved the previous trial folder to {aside[0] / 'tiny'}" in fresh.output.replace("\n", "")
+    assert (aside[0] / "tiny" / "metrics.jsonl").read_text() == old_rows
+    assert (aside[0] / "tiny" / "checkpoints" / "step_2" / "manifest.json").is_file()
+    assert json.loads((runs / "tiny" / "tiny" / "result.json").read_text())["final"]["step"] == 1
 
 
 def test_train_command_errors_exit_2(tiny_spec_file):
@@ -387,7 +441,7 @@ def _smoke(extra=()):
     assert result.exit_code == 0, result.output
     spec = load_spec(SMOKE_JOB, [e for e in extra if "=" in e])
     trial = Path(spec.experiment_dir) / spec.name
-    final = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+    final = json.loads((trial / "result.json").read_text())["final"]
     print(f"\nsmoke: wall {wall:.0f}s, base ppl {final['base_ppl']:.2f} -> tuned {final['eval_ppl']:.2f} "
           f"({final['ppl_change']:+.1%}), {final['tokens_per_s']:.0f} tokens/s, peak {final['peak_mem_gb']:.2f} GiB")
     print((trial / "samples.md").read_text())
@@ -398,9 +452,16 @@ def _smoke(extra=()):
 def test_smoke_job_on_offline_smollm2(smollm2_gguf, tmp_path):
     """`qlora-ray train jobs/hinglish_smoke.yaml` on the CPU: a large perplexity drop in minutes."""
     final, trial = _smoke()
-    assert final["done"] and final["step"] == load_spec(SMOKE_JOB).train.max_steps
-    assert final["ppl_change"] < -0.3
-    assert (trial / "samples.md").is_file()
+    assert final["step"] == load_spec(SMOKE_JOB).train.max_steps
+    assert final["ppl_change"] < -0.5
+    # Readable replies with the shipped decoding settings: no reply, base or tuned, repeats a
+    # 3-gram of words more than twice.
+    from qlora_ray.evaluate import ngram_repeats
+
+    rows = [line.split(" | ") for line in (trial / "samples.md").read_text().splitlines() if line.startswith("| 1")
+            or line.startswith("| 2") or line.startswith("| 3")]
+    replies = [cell.replace("<br>", " ") for row in rows for cell in row[2:4]]
+    assert len(replies) == 6 and all(ngram_repeats(r) <= 2 for r in replies), replies
 
 
 @pytest.mark.gpu
@@ -411,7 +472,7 @@ def test_smoke_job_on_cuda_fp16_nf4(smollm2_gguf, tmp_path):
         pytest.skip("needs CUDA")
     final, trial = _smoke(["resources.gpus_per_trial=1",
                            "quantization.mode=nf4", "quantization.compute_dtype=fp16"])
-    assert final["done"] and final["ppl_change"] < -0.3
+    assert final["ppl_change"] < -0.3
     resolved = (trial / "resolved_spec.yaml").read_text()
     assert "compute_dtype: fp16" in resolved
     assert final["peak_mem_gb"] < 15  # fits a T4
@@ -425,19 +486,19 @@ def test_auto_checkpointing_switches_on_when_a_step_runs_out_of_memory(tmp_path,
     from qlora_ray.model import gradient_checkpointing_on
 
     spec = tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, ["train.gradient_checkpointing=auto", "train.max_steps=3"])
-    real, states = training.token_loss, []
+    real, states = step_module.model_loss, []
 
-    def flaky(model, batch):
+    def flaky(model, batch, dtype):
         states.append(gradient_checkpointing_on(model))
         if len(states) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, batch)
+        return real(model, batch, dtype)
 
-    monkeypatch.setattr(training, "token_loss", flaky)
+    monkeypatch.setattr(step_module, "model_loss", flaky)
     result, reports = run_fit(spec, tmp_path / "trial")
     assert result.step == 3 and math.isfinite(result.train_loss)
     assert states[0] is False and all(states[1:])  # off at first, on from the retry onwards
-    assert [r["step"] for r, _ in reports if not r.get("done")] == [1, 2, 3]
+    assert [r["step"] for r, _ in reports] == [1, 2, 3]
 
     (tmp_path / "on").mkdir()
     on = tiny_spec(tmp_path / "on", tiny_model_dir, tiny_data_dir, ["train.gradient_checkpointing=true"])
@@ -445,3 +506,97 @@ def test_auto_checkpointing_switches_on_when_a_step_runs_out_of_memory(tmp_path,
     with pytest.raises(training.OutOfMemory, match=r"step 1: out of GPU memory with gradient checkpointing on.*"
                                                    r"train\.batch_size"):
         run_fit(on, tmp_path / "trial-on")
+
+
+class _Payload:
+    """What an attacker plants in a checkpoint: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_not_run(reference, tmp_path):
+    """A shared output folder lets others write checkpoints, and the sha256 manifest only proves
+    that nothing was damaged: an ``rng.pt`` replaced by a pickle payload, manifest re-hashed, is
+    refused with a clear error on resume, and the payload never runs."""
+    import hashlib as _hashlib
+
+    from qlora_ray.errors import UserError
+
+    trial = tmp_path / "trial"
+    shutil.copytree(reference["trial"] / "checkpoints", trial / "checkpoints")
+    step_6 = trial / "checkpoints" / "step_6"  # the newest: nothing else to fall back to
+    marker = tmp_path / "payload-ran"
+    torch.save({"python": _Payload(marker)}, step_6 / "rng.pt")
+    manifest = json.loads((step_6 / "manifest.json").read_text())
+    blob = (step_6 / "rng.pt").read_bytes()
+    manifest["files"]["rng.pt"] = {"bytes": len(blob), "sha256": _hashlib.sha256(blob).hexdigest()}
+    (step_6 / "manifest.json").write_text(json.dumps(manifest))
+    assert training.checkpoint_problem(step_6) is None  # the manifest cannot tell
+
+    with pytest.raises(UserError) as caught:
+        run_fit(reference["spec"], trial, resume_from=str(step_6))
+    message = str(caught.value)
+    assert message.startswith(f"{step_6 / 'rng.pt'}: refused to load: it holds Python objects"), message
+    assert "GLOBAL posix.system" in message and "Nothing from it was run" in message
+    assert not marker.exists()
+
+
+def test_rng_state_is_plain_data(tmp_path):
+    """Every stream survives a weights_only round trip: the checkpoint needs no pickled objects."""
+    import random
+
+    import numpy as np
+
+    checkpoint_module.seed_everything(7)
+    path = tmp_path / "rng.pt"
+    torch.save(checkpoint_module._rng_state(), path)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint_module._set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_forgetting_later_rows_rewrites_metrics_atomically(tmp_path, monkeypatch):
+    """Resuming at step 2 drops later rows; a failure while rewriting leaves the file as it was."""
+    import os
+
+    from qlora_ray.records import StepMetrics, to_line
+
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    metrics = trial / "metrics.jsonl"
+    original = "".join(to_line(StepMetrics(step=s, loss=1.0)) for s in (1, 2, 3, 4))
+    metrics.write_text(original)
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", broken)
+        with pytest.raises(OSError):
+            checkpoint_module.forget_after(trial, 2)
+    assert metrics.read_text() == original and sorted(p.name for p in trial.iterdir()) == ["metrics.jsonl"]
+    checkpoint_module.forget_after(trial, 2)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_train_command_reports_the_test_set_apart(tiny_spec_file, tiny_data_dir):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tiny_spec_file), "train.max_steps=2", "--quiet",
+                                 f"data.test={tiny_data_dir}/eval.jsonl", f"eval.control={tiny_data_dir}/train.jsonl",
+                                 "eval.max_control_examples=3"])
+    assert result.exit_code == 0, result.output
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    test = json.loads((exp / "test.json").read_text())
+    final = json.loads((exp / "tiny" / "result.json").read_text())["final"]
+    # The test file here is the eval file: the same tokens, so the same figures.
+    assert test["trial_id"] == "tiny" and test["tuned_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+    assert f"tuned {test['tuned_ppl']:.2f}" in result.output and "held out" in result.output
+    assert final["control_tokens"] > 0 and final["control_change"] == pytest.approx(
+        final["control_ppl"] / final["control_base_ppl"] - 1)
+    assert final["base_ppl_unquantized"] > 0 and "control change" in result.output

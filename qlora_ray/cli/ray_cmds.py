@@ -1,23 +1,27 @@
 """``qlora-ray submit | status | logs | results``: run a spec's sweep on Ray and read its results.
 
-``qlora_ray.runtime`` (which imports Ray) is imported inside the verbs that need it, so
-``results`` on a local folder stays a quick file read.
+``qlora_ray.runtime`` (which imports Ray) is imported inside the verbs that need it; results,
+status and logs read an experiment (a folder or a URI) through ``qlora_ray.storage``, without Ray.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from qlora_ray import results
+from qlora_ray import layout, results, storage
 from qlora_ray.cli.app import app, console, err_console, user_errors
 from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray.errors import UserError
-from qlora_ray.spec import URI_SCHEMES, load_spec, project_root
+from qlora_ray.records import ExperimentPlan, JobRecord
+from qlora_ray.spec import load_spec, project_root
+from qlora_ray.storage import is_uri
 
 
 def _one_spec(args: List[str]) -> tuple[Path, List[str]]:
@@ -58,24 +62,25 @@ def submit(
 
     if detach:
         record = runtime.submit_detached(spec_path, overrides, console, address=address, fresh=fresh)
-        name = record["name"]
-        console.print(f"submitted job [bold]{record['job_id']}[/] to {record['address']}", soft_wrap=True)
+        name = record.name
+        console.print(f"submitted job [bold]{record.job_id}[/] to {record.address}", soft_wrap=True)
         console.print(f"  follow it:  qlora-ray status {name}  |  qlora-ray logs {name} --follow", soft_wrap=True)
-        console.print(f"  results:    qlora-ray results {name}  (job record: {record['experiment']}/job.json)",
+        console.print(f"  results:    qlora-ray results {name}  (job record: {record.experiment}/{layout.JOB_FILE})",
                       soft_wrap=True, highlight=False)
         return
-    board, exp = runtime.submit(spec_path, overrides, console, address=address, fresh=fresh,
-                                dashboard=dashboard, dashboard_host=dashboard_host)
-    _print_board(board, exp)
-    # Exit 0 only when every trial of this spec finished (rows of trials an earlier, wider sweep
-    # left in the folder do not count); else 1, naming each trial that did not and why.
-    from qlora_ray.plan import expand
-
-    planned = {t.id for t in expand(load_spec(spec_path, overrides))}
-    mine = [row for row in board.rows if row.trial_id in planned]
-    unfinished = [row for row in mine if row.status != results.FINISHED]
+    outcome = runtime.submit(spec_path, overrides, console, runtime.ConnectOptions(
+        address=address, dashboard=dashboard, dashboard_host=dashboard_host), fresh=fresh)
+    _print_board(outcome.board, outcome.exp)
+    if outcome.out_of_time:
+        # Exit 3: not a failure, a session ending; the same command (without --fresh) resumes.
+        again = shlex.join(["qlora-ray", *(a for a in sys.argv[1:] if a != "--fresh")])
+        err_console.print(f"time budget spent: {len(outcome.out_of_time)} trial(s) saved a checkpoint and "
+                          f"stopped. Resume with:\n  {again}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+    # Exit 0 only when every trial of this spec finished; else 1, naming each that did not and why.
+    unfinished = outcome.unfinished
     if unfinished:
-        err_console.print(f"{len(unfinished)} of {len(mine)} trial(s) did not finish: " + "; ".join(
+        err_console.print(f"{len(unfinished)} of {len(outcome.planned)} trial(s) did not finish: " + "; ".join(
             f"{row.trial_id} {row.status}: {row.reason or 'no reason recorded'}" for row in unfinished),
             markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
@@ -113,18 +118,18 @@ def status(
     Example: qlora-ray status hinglish_sweep
     """
     exp = find_experiment(experiment)
-    record = _job_record(exp)
+    record = storage.read_record(exp, JobRecord, layout.JOB_FILE)
     if record:
         from qlora_ray import runtime
 
         try:
             info = runtime.job_status(record)
         except UserError as e:
-            err_console.print(f"[yellow]job {record['job_id']}: cannot reach the cluster[/]: {e}")
+            err_console.print(f"[yellow]job {record.job_id}: cannot reach the cluster[/]: {e}")
         else:
-            console.print(f"job [bold]{info['job_id']}[/]: {info['status']}  ({info['address']})")
-            if info.get("message"):
-                console.print(f"  {info['message']}", markup=False, highlight=False)
+            console.print(f"job [bold]{info.job_id}[/]: {info.status}  ({info.address})")
+            if info.message:
+                console.print(f"  {info.message}", markup=False, highlight=False)
     else:
         console.print(f"{exp}: not a detached job (no job.json); trial states from its files:", highlight=False)
     board = _leaderboard(exp, write=False)
@@ -149,16 +154,16 @@ def logs(
     Example: qlora-ray logs hinglish_sweep --follow
     """
     exp = find_experiment(experiment)
-    record = _job_record(exp)
+    record = storage.read_record(exp, JobRecord, layout.JOB_FILE)
     if record:
         from qlora_ray import runtime
 
         runtime.job_logs(record, follow=follow, write=lambda text: console.out(text, end="", highlight=False))
         return
-    plan = _read_plan(exp)
+    plan = storage.read_record(exp, ExperimentPlan, layout.EXPERIMENT_FILE) or ExperimentPlan(name="")
     console.print(f"{exp} ran in the foreground (no job.json), so there is no job log to print.", highlight=False)
-    if plan.get("ray_logs"):
-        console.print(f"Ray's logs of that run: {plan['ray_logs']} (worker output: worker-*.out; "
+    if plan.ray_logs:
+        console.print(f"Ray's logs of that run: {plan.ray_logs} (worker output: worker-*.out; "
                       "Ray Train: train/)", highlight=False)
     board = _leaderboard(exp, write=False)
     for row in board.rows:
@@ -168,21 +173,17 @@ def logs(
 
 # ---------------------------------------------------------------- helpers
 
-def _is_uri(text: str) -> bool:
-    return text.startswith(URI_SCHEMES)
-
-
 def find_experiment(name_or_dir: str) -> str:
     """An experiment folder from a name (``runs/<name>`` here or at the project root), a folder,
     a storage URI, or a spec file (its ``<output.dir>/<name>``)."""
-    if _is_uri(name_or_dir):
+    if is_uri(name_or_dir):
         return name_or_dir.rstrip("/")
     path = Path(name_or_dir)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return load_spec(path).experiment_dir
     if path.is_dir():
         return str(path.resolve())
-    candidates = [Path.cwd() / "runs" / name_or_dir, project_root(Path.cwd()) / "runs" / name_or_dir]
+    candidates = [Path.cwd() / layout.RUNS_DIR / name_or_dir, project_root(Path.cwd()) / layout.RUNS_DIR / name_or_dir]
     for candidate in candidates:
         if candidate.is_dir():
             return str(candidate.resolve())
@@ -192,31 +193,7 @@ def find_experiment(name_or_dir: str) -> str:
 
 
 def _leaderboard(exp: str, write: bool) -> results.Leaderboard:
-    if _is_uri(exp):
-        from qlora_ray import runtime  # pyarrow filesystems for the URI
-
-        if write:
-            return runtime.write_results(exp)
-        return results.read_leaderboard(runtime.local_mirror(exp))
-    if write:
-        return results.write_leaderboard(exp)
-    return results.read_leaderboard(exp)
-
-
-def _read_plan(exp: str) -> dict:
-    if _is_uri(exp):
-        from qlora_ray import runtime
-
-        return runtime.Storage(exp).read_json(results.EXPERIMENT_FILE) or {}
-    return results.read_json(Path(exp) / results.EXPERIMENT_FILE) or {}
-
-
-def _job_record(exp: str) -> Optional[dict]:
-    if _is_uri(exp):
-        from qlora_ray import runtime
-
-        return runtime.Storage(exp).read_json("job.json")
-    return results.read_json(Path(exp) / "job.json")
+    return storage.write_results(exp) if write else storage.read_leaderboard(exp)
 
 
 def _counts(board: results.Leaderboard) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,9 +16,11 @@ from rich.table import Table
 
 from qlora_ray.cli.app import app, console, err_console, user_errors
 from qlora_ray.cli.spec_cmds import split_args
+from qlora_ray import layout
 from qlora_ray.errors import UserError
-from qlora_ray.files import publish_dir
-from qlora_ray.spec import DATA_FORMATS, URI_SCHEMES, DataSpec, QuantizationSpec, load_spec
+from qlora_ray.files import move_aside
+from qlora_ray.lock import experiment_lock
+from qlora_ray.spec import URI_SCHEMES, load_spec
 
 
 def _quiet_libraries() -> None:
@@ -41,8 +42,8 @@ def train(
                                      help="The job spec, then dotted overrides (train.max_steps=20)."),
     trial: Optional[str] = typer.Option(None, "--trial", help="Which trial of a sweep to train (its id, "
                                         "as `qlora-ray validate` lists them). Default: the first."),
-    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0 even if the trial folder has "
-                               "checkpoints (they are replaced as training proceeds)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start from step 0: the trial's previous folder is "
+                               "moved aside to <output.dir>/<name>.old-<time>/ (never deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train one trial in this process (no Ray) into <output.dir>/<name>/<trial id>/.
@@ -73,27 +74,104 @@ def train(
         console.print(f"{specs[0]} sweeps {len(trials)} trials; training the first ({chosen.id}). "
                       "Pick another with --trial, or run them all with `qlora-ray submit`.", highlight=False)
 
-    from qlora_ray import train as training
     from qlora_ray.model import resolve_source
 
     _quiet_libraries()
     with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
         resolve_source(spec.model, spec.data.cache_dir)
+    with experiment_lock(spec.experiment_dir, f"qlora-ray train {specs[0]}"):
+        _train_one(chosen, spec, fresh, quiet)
+
+
+def _train_one(chosen, spec, fresh: bool, quiet: bool) -> None:
+    from qlora_ray import train as training
+
     trial_dir = Path(spec.experiment_dir) / chosen.id
+    if fresh:
+        moved = move_aside(trial_dir)
+        if moved is not None:
+            console.print(f"--fresh: moved the previous trial folder to {moved}", highlight=False)
+    elif _finished(trial_dir, chosen.spec):
+        console.print(f"trial {chosen.id} is already finished ({trial_dir / layout.RESULT_FILE}); nothing to "
+                      "train. Train it again from step 0 with --fresh (the old folder is moved aside), or "
+                      "raise train.max_steps to train on from its last checkpoint.", highlight=False)
+        return
     resume = None if fresh else training.latest_checkpoint(trial_dir)
     if resume is not None:
         console.print(f"resuming from {resume}", highlight=False)
     console.print(f"trial {chosen.id} -> {trial_dir}", highlight=False)
     run = training.RunContext(trial_dir=str(trial_dir), resume_from=str(resume) if resume else None,
                               progress=not quiet)
+    tracker = _tracker(chosen, trial_dir)
+    report = (lambda metrics, checkpoint: tracker.log_step(chosen.id, metrics)) if tracker else \
+        (lambda metrics, checkpoint: None)
     try:
-        result = training.fit(chosen.spec, lambda metrics, checkpoint: None, run)
+        result = training.fit(chosen.spec, report, run)
     except training.NonFiniteLossError as e:
+        _end_tracking(tracker, chosen.id, trial_dir, "failed")
         raise UserError(f"trial {chosen.id}: {e}") from None
+    except BaseException:
+        _end_tracking(tracker, chosen.id, trial_dir, "failed")
+        raise
+    if tracker:
+        tracker.log_final(chosen.id, result, Path(result.samples_file) if result.samples_file else None)
+    _end_tracking(tracker, chosen.id, trial_dir, "finished")
     console.print(_result_table(chosen.id, result))
+    _test_set(chosen, trial_dir, quiet)
     console.print(f"adapter: {result.adapter_dir}", highlight=False)
     if result.samples_file:
         console.print(f"samples: {result.samples_file}", highlight=False)
+
+
+def _finished(trial_dir: Path, spec) -> bool:
+    """The trial folder holds a finished run that this spec would not train further."""
+    from qlora_ray.records import TrialResult
+
+    result = TrialResult.read(trial_dir / layout.RESULT_FILE)
+    final = result.final if result else None
+    return final is not None and not (spec.train.max_steps and spec.train.max_steps > final.step)
+
+
+def _test_set(chosen, trial_dir: Path, quiet: bool) -> None:
+    """The trial on the held-out test set (``data.test``), reported apart; saved as ``<exp>/test.json``."""
+    import contextlib
+
+    from qlora_ray import layout
+    from qlora_ray.files import write_text
+    from qlora_ray.sets import measure_test
+
+    if not chosen.spec.data.test:
+        return
+    with contextlib.nullcontext() if quiet else err_console.status("measuring the test set..."):
+        figures = measure_test(trial_dir, chosen.id, chosen.spec.eval.batch_size)
+    write_text(trial_dir.parent / layout.TEST_FILE, figures.to_json() + "\n")
+    console.print(f"test set ({figures.data}, held out): base {figures.base_ppl:.2f} -> tuned "
+                  f"{figures.tuned_ppl:.2f} ({figures.change:+.1%}) over {figures.target_tokens:,} target tokens",
+                  highlight=False)
+
+
+def _tracker(chosen, trial_dir: Path):
+    """The experiment trackers the spec asks for, with the trial's run open (None: none asked)."""
+    from qlora_ray.tracking import Tracker, wanted
+
+    if not wanted(chosen.spec.tracking):
+        return None
+    tracker = Tracker(chosen.spec, trial_dir.parent)
+    tracker.start(chosen.id, chosen.spec)
+    return tracker
+
+
+def _end_tracking(tracker, trial_id: str, trial_dir: Path, status: str) -> None:
+    """Close the trial's runs; what could not be logged goes to stderr and ``tracking.json``."""
+    if tracker is None:
+        return
+    tracker.end(trial_id, status)
+    problems = tracker.errors.get(trial_id)
+    if problems:
+        from qlora_ray.records import TrackingNote
+
+        err_console.print(f"tracking failed (training went on): {'; '.join(problems)}", markup=False, highlight=False)
+        (trial_dir / layout.TRACKING_FILE).write_text(TrackingNote(errors=problems).to_json() + "\n", encoding="utf-8")
 
 
 def _result_table(trial_id: str, result) -> Table:
@@ -106,6 +184,11 @@ def _result_table(trial_id: str, result) -> Table:
             ("tuned eval ppl", _fmt(result.eval_ppl, "{:.2f}")),
             ("ppl change", _fmt(result.ppl_change, "{:+.1%}")),
             ("eval target tokens", f"{result.eval_tokens:,}"),
+            ("base eval ppl unquantized", _fmt(getattr(result, "base_ppl_unquantized", None), "{:.2f}")),
+            ("change vs unquantized base", _fmt(getattr(result, "change_vs_unquantized", None), "{:+.1%}")),
+            ("control base ppl", _fmt(getattr(result, "control_base_ppl", None), "{:.2f}")),
+            ("control tuned ppl", _fmt(getattr(result, "control_ppl", None), "{:.2f}")),
+            ("control change", _fmt(getattr(result, "control_change", None), "{:+.1%}")),
             ("tokens/s", f"{result.tokens_per_s:,.0f}"),
             ("peak memory GiB", f"{result.peak_mem_gb:.2f}"),
             ("train s", f"{result.train_s:.0f}"),
@@ -119,70 +202,74 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _say_base(target: Path, trust_remote_code: bool) -> Path:
+    """Name the base model (and revision) about to be loaded for the adapter at ``target``; its folder.
+    Refuses (exit 2) an adapter whose spec asks for remote code without --trust-remote-code."""
+    from qlora_ray.model import adapter_spec, base_model_label, find_adapter
+
+    adapter_dir = find_adapter(target)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
+    err_console.print(f"adapter {adapter_dir} on base model {base_model_label(spec)}"
+                      + (" (its own code allowed: --trust-remote-code)" if trust_remote_code else ""),
+                      highlight=False, markup=False, soft_wrap=True)
+    return adapter_dir
+
+
 # ---------------------------------------------------------------- eval
-
-def _eval_data(spec, data_file: str, fmt: str, max_examples: Optional[int],
-               max_seq_len: Optional[int]) -> DataSpec:
-    """A DataSpec reading ``data_file`` as the eval split, with the adapter's tokenization settings."""
-    if fmt not in DATA_FORMATS:
-        raise UserError(f"--format: '{fmt}' is not one of {', '.join(DATA_FORMATS)}")
-    if not data_file.startswith("hf://"):
-        data_file = os.path.abspath(os.path.expanduser(data_file))
-    return DataSpec(train=data_file, eval=data_file, format=fmt, packing=False,
-                    max_seq_len=max_seq_len or spec.data.max_seq_len,
-                    chat_template=spec.data.chat_template, train_on_prompt=spec.data.train_on_prompt,
-                    max_train_examples=1, max_eval_examples=max_examples, seed=spec.data.seed,
-                    cache_dir=spec.data.cache_dir)
-
 
 @app.command("eval")
 @user_errors
 def eval_(
     target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN",
                                   help="An adapter folder, a trial folder, or an experiment folder (its best trial)."),
-    data_file: str = typer.Option(..., "--data", help="Data to measure on: a .jsonl/.json/.csv/.parquet "
-                                  "file or glob, or hf://org/name[:split], in any supported format."),
+    data_files: List[str] = typer.Option(..., "--data", help="Data to measure on: a .jsonl/.json/.csv/.parquet "
+                                         "file or glob, or hf://org/name[:split], in any supported format. "
+                                         "Repeat for several sets: one row each."),
     fmt: str = typer.Option("auto", "--format", help="Row format: auto, messages, alpaca, prompt_response, text."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most this many examples."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Perplexity of an adapter and of its base model on the same target tokens of any dataset.
+    """Perplexity of an adapter and of its base model on the same target tokens of any datasets.
+
+    The base model's figures come from the cache when any run measured them on the same tokens.
 
     Examples:
       qlora-ray eval runs/hinglish_smoke/hinglish_smoke --data data/hinglish/eval.jsonl
-      qlora-ray eval runs/hinglish_smoke --data ../shared/data/hinglish-real/hinglish_real.jsonl
+      qlora-ray eval runs/hinglish_smoke --data data/hinglish/test.jsonl --data data/control/chat_en.jsonl
     """
-    from qlora_ray import data
-    from qlora_ray.evaluate import perplexity
-    from qlora_ray.model import adapter_spec, find_adapter, load_adapter
+    from qlora_ray.adapters import eval_data, evaluate_adapter_on
 
     _quiet_libraries()
-    adapter_dir = find_adapter(target)
-    dspec = _eval_data(adapter_spec(adapter_dir), data_file, fmt, max_examples, max_seq_len)
-    with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, spec = load_adapter(adapter_dir)
-        prepared = data.prepare(dspec, tokenizer)
-    batches = data.eval_batches(prepared, batch_size)
-    with err_console.status(f"measuring {prepared.eval_stats.examples} examples..."):
-        tuned, tokens = perplexity(model, batches)
-        with model.disable_adapter():
-            base, _ = perplexity(model, batches)
-    out = {"adapter": str(adapter_dir), "data": dspec.eval, "examples": prepared.eval_stats.examples,
-           "skipped": sum(prepared.eval_stats.skipped.values()), "target_tokens": tokens,
-           "base_ppl": base, "tuned_ppl": tuned, "ppl_change": tuned / base - 1.0}
+    _say_base(target, trust_remote_code)
+    results = evaluate_adapter_on(
+        target, [(lambda spec, f=f: eval_data(spec, f, fmt, max_examples, max_seq_len)) for f in data_files],
+        batch_size, status=err_console.status, bar=None if quiet else _token_bar,
+        trust_remote_code=trust_remote_code)
     if as_json:
-        console.print_json(json.dumps(out))
+        payload = [dataclasses.asdict(r) for r in results]
+        console.print_json(json.dumps(payload[0] if len(payload) == 1 else payload))
         return
-    table = Table(title=f"perplexity on {data_file}")
-    table.add_column("model")
-    table.add_column("ppl", justify="right")
-    table.add_row(f"base ({spec.model.name}, {spec.quantization.mode})", f"{base:.3f}")
-    table.add_row(f"tuned ({adapter_dir})", f"{tuned:.3f}")
+    first = results[0]
+    table = Table(title=f"perplexity of {first.adapter} and its base ({first.base_model}, {first.quantization})")
+    for name, justify in (("data", "left"), ("examples", "right"), ("target tokens", "right"),
+                          ("base ppl", "right"), ("tuned ppl", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)
+    for name, r in zip(data_files, results):
+        table.add_row(name + (f" ({r.skipped} rows skipped)" if r.skipped else ""), f"{r.examples:,}",
+                      f"{r.target_tokens:,}", f"{r.base_ppl:.3f}" + (" (cached)" if r.base_cached else ""), f"{r.tuned_ppl:.3f}", f"{r.ppl_change:+.1%}")
     console.print(table)
-    console.print(f"change {out['ppl_change']:+.1%} over {tokens:,} target tokens in {out['examples']} examples"
-                  + (f" ({out['skipped']} rows skipped)" if out["skipped"] else ""), highlight=False)
+
+
+def _token_bar(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------- chat
@@ -193,8 +280,12 @@ def chat(
     target: Path = typer.Argument(..., metavar="ADAPTER", help="An adapter, trial or experiment folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (greedy)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (decoded with "
+                                       "the eval.* settings the adapter was trained with)."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Talk to a tuned model: a REPL (/reset clears the history, /quit or Ctrl-D leaves), or --prompt once.
 
@@ -205,17 +296,18 @@ def chat(
     import contextlib
 
     from qlora_ray.evaluate import chat_reply
-    from qlora_ray.model import find_adapter, load_adapter
+    from qlora_ray.model import load_adapter
 
     _quiet_libraries()
-    adapter_dir = find_adapter(target)
+    adapter_dir = _say_base(target, trust_remote_code)
     with err_console.status("loading the adapter and its base model..."):
-        model, tokenizer, _ = load_adapter(adapter_dir)
+        model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
+    decoding = dataclasses.replace(spec.eval, max_new_tokens=max_new_tokens)
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages: list) -> str:
         with model.disable_adapter() if base else contextlib.nullcontext():
-            return chat_reply(model, tokenizer, messages, max_new_tokens)
+            return chat_reply(model, tokenizer, messages, decoding, dtype)
 
     if prompt is not None:
         console.print(answer(opening + [{"role": "user", "content": prompt}]), markup=False, highlight=False)
@@ -254,6 +346,9 @@ def merge(
     data_file: Optional[str] = typer.Option(None, "--data", help="Data for the drift check "
                                             "(default: the adapter's eval set)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Check on at most this many examples."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
+                                           "Python code run (models with custom code). Off whatever the "
+                                           "adapter's spec says: only for a model you trust."),
 ) -> None:
     """Merge an adapter into its 16-bit base model and save it, if its perplexity holds.
 
@@ -264,56 +359,12 @@ def merge(
     Example:
       qlora-ray merge runs/hinglish_smoke/hinglish_smoke merged/hinglish-smollm2
     """
-    from peft import PeftModel
-
-    from qlora_ray import data
-    from qlora_ray.evaluate import perplexity
-    from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, pick_device
+    from qlora_ray.adapters import MergeOptions, merge_adapter
 
     _quiet_libraries()
-    if dtype not in ("bf16", "fp16"):
-        raise UserError(f"--dtype: '{dtype}' is not bf16 or fp16")
-    if tolerance < 0:
-        raise UserError(f"--tolerance: must be >= 0, got {tolerance}")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise UserError(f"OUT: '{out}' already exists; give a new folder")
-    adapter_dir = find_adapter(target)
-    spec = adapter_spec(adapter_dir)
-    if data_file is not None:
-        dspec = _eval_data(spec, data_file, "auto", max_examples, None)
-    else:
-        dspec = dataclasses.replace(spec.data, max_eval_examples=max_examples or spec.data.max_eval_examples)
-    device = pick_device(None)
-
-    with err_console.status("measuring the adapter on its quantized base..."):
-        model, tokenizer, _ = load_adapter(adapter_dir, device=device)
-        try:
-            prepared = data.prepare(dspec, tokenizer)
-        except UserError as e:
-            raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
-        batches = data.eval_batches(prepared, spec.eval.batch_size)
-        adapter_ppl, tokens = perplexity(model, batches)
-        del model
-    with err_console.status(f"merging into the {dtype} base and measuring it..."):
-        spec.quantization = QuantizationSpec(mode="none", double_quant=False, compute_dtype=dtype)
-        base, _ = load_base(spec, device=device)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged_ppl, _ = perplexity(merged, batches)
-    drift = merged_ppl / adapter_ppl - 1.0
-    console.print(f"eval perplexity over {tokens:,} target tokens: adapter (on {adapter_spec(adapter_dir).quantization.mode} "
-                  f"base) {adapter_ppl:.4f}, merged ({dtype}) {merged_ppl:.4f}, drift {drift:+.2%}", highlight=False)
-    if not abs(drift) <= tolerance:
-        raise UserError(
-            f"refusing to merge: the merged model's eval perplexity {merged_ppl:.4f} drifts {drift:+.2%} from "
-            f"the adapter's {adapter_ppl:.4f} (--tolerance {tolerance:.2%}); nothing written. The adapter "
-            "learned to correct the quantized base, not the 16-bit one. Serve the adapter on the quantized "
-            "base, or pass a larger --tolerance if this drift is acceptable.")
-    merged.config.use_cache = True
-    # `out` is new or an empty folder (checked above), so replacing it loses nothing.
-    with publish_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "merge_check.json").write_text(json.dumps(
-            {"adapter": str(adapter_dir), "dtype": dtype, "adapter_ppl": adapter_ppl, "merged_ppl": merged_ppl,
-             "drift": drift, "tolerance": tolerance, "target_tokens": tokens}, indent=1), encoding="utf-8")
+    _say_base(target, trust_remote_code)
+    options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples,
+                           trust_remote_code=trust_remote_code)
+    merge_adapter(target, out, options, status=err_console.status,
+                  say=lambda text: console.print(text, highlight=False))
     console.print(f"[green]merged[/]: {out}", highlight=False)

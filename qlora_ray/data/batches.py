@@ -1,6 +1,6 @@
 """Micro-batches for training and evaluation, and packing.
 
-Unpacked batches (``data.packing: false``, and always for evaluation): examples right-padded
+Unpacked batches (``data.packing: false``, and always for evaluation, longest first): examples right-padded
 to the longest in the batch with ``pad_token_id``; ``attention_mask`` is the usual 2D
 (batch, length) 1/0 padding mask, ``position_ids`` count 0.. along each row, and padding has
 label -100.
@@ -88,9 +88,12 @@ def packed_rows(prepared: PreparedData, data: DataSpec, epoch: int, seed: int) -
 
 
 def eval_batches(prepared: PreparedData, batch_size: int) -> Batches:
-    """The eval set in its fixed order, unpacked and right-padded (the same tokens for every model)."""
+    """The eval set unpacked and right-padded (the same tokens for every model), longest examples
+    first: neighbours in length share a batch, so padding costs next to nothing. Perplexity is a
+    sum over tokens, so the order does not change it; longest first meets a memory limit at once."""
     pad = _pad_id(prepared)
-    return Batches(_chunks(prepared.eval, batch_size), partial(collate_padded, pad_id=pad))
+    ordered = sorted(prepared.eval, key=lambda e: -len(e.input_ids))  # stable: ties keep the file's order
+    return Batches(_chunks(ordered, batch_size), partial(collate_padded, pad_id=pad))
 
 
 def pack(lengths: List[int], capacity: int) -> List[List[int]]:

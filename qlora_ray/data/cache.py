@@ -34,7 +34,7 @@ from qlora_ray.data.records import Example, PreparedData, SplitStats
 from qlora_ray.spec import DataSpec
 
 # Bump when the same inputs would give different examples or stats (encode, formats, prepare).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def cache_root(data: DataSpec) -> Path:

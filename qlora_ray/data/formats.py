@@ -28,6 +28,7 @@ ROLE_NAMES = {
 
 # Why a row was skipped, in the order the CLI lists them.
 SKIP_REASONS = {
+    "not_utf8": "not UTF-8 text (save the file as UTF-8)",
     "not_json": "not a JSON object",
     "unknown_format": "no known format's fields (messages, conversations, instruction/output, prompt/response, text)",
     "missing_fields": "lacks the fields data.format names",

@@ -40,13 +40,16 @@ def prepare(data: DataSpec, tokenizer: Any) -> PreparedData:
     if eval_source is not None:
         eval_rows, eval_files = read_rows(eval_source)
     else:
+        _require_room_to_hold_out(train_source, train_rows, data)
         train_rows, eval_rows = split_rows(train_rows, data.eval_fraction, data.seed)
         eval_files = train_files
     # Different seed streams, so capping one split never shifts the other's choice.
     train, train_stats = _build_split(train_rows, train_files, encoder, data, data.max_train_examples, [data.seed, 1])
     evaluation, eval_stats = _build_split(eval_rows, eval_files, encoder, data, data.max_eval_examples, [data.seed, 2])
     _require_usable(train_source, train_stats, "data.train")
-    if eval_rows:
+    # A named eval set must be usable even when empty: else a run trains, reports no perplexity
+    # at all and exits as if it had measured something.
+    if eval_rows or eval_source is not None:
         _require_usable(eval_source or train_source, eval_stats,
                         "data.eval" if eval_source else "the data.eval_fraction held out of data.train")
 
@@ -71,6 +74,8 @@ def _build_split(rows: List[RawRow], files: List[Tuple[str, int]], encoder: Enco
     records, numbers, formats = [], [], Counter()
     for row in rows:
         try:
+            if row.bad:
+                raise BadRow(row.bad)
             records.append(normalize(row.value, data.format))
         except BadRow as bad:
             skip(bad.reason, row.number)
@@ -121,9 +126,19 @@ def _refuse_unknown_format(rows: List[RawRow], skipped: Counter, files: List[Tup
         "(alpaca), 'prompt'/'response', or 'text'. Rename the fields, or set data.format.")
 
 
+def _require_room_to_hold_out(source: Source, rows: List[RawRow], data: DataSpec) -> None:
+    if data.eval_fraction > 0 and len(rows) < 2:
+        raise UserError(
+            f"{source.text}: data.train has {len(rows)} row{'s' if len(rows) != 1 else ''}, too few to hold "
+            f"out data.eval_fraction ({data.eval_fraction:g}) for evaluation and still train; give "
+            "data.eval (a separate file), more rows, or data.eval_fraction: 0 to train without evaluation.")
+
+
 def _require_usable(source: Source, stats: SplitStats, what: str) -> None:
     if stats.examples:
         return
+    if not stats.rows_read:
+        raise UserError(f"{source.text}: {what} is empty (no rows); give it rows, or point {what} at another file.")
     reasons = "; ".join(
         f"{reason} ({SKIP_REASONS[reason]}): {count} (rows "
         f"{', '.join(locate_row(n, stats.files) for n in stats.first_skipped_rows[reason])}"

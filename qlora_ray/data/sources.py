@@ -25,15 +25,18 @@ import numpy as np
 from qlora_ray.errors import UserError
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+BOM = b"\xef\xbb\xbf"
 HF_SCHEME = "hf://"
 
 
 @dataclass
 class RawRow:
-    """One row as read: its 1-based number in the source and its value (None: not JSON)."""
+    """One row as read: its 1-based number in the source and its value (None: not JSON);
+    ``bad`` names a skip reason found while reading (``not_utf8``)."""
 
     number: int
     value: Any
+    bad: Optional[str] = None
 
 
 @dataclass
@@ -101,7 +104,7 @@ def read_rows(source: Source) -> Tuple[List[RawRow], List[Tuple[str, int]]]:
     rows, per_file = [], []
     for path in source.files:
         offset = rows[-1].number if rows else 0
-        found = [RawRow(offset + r.number, r.value) for r in _read_file(path)]
+        found = [RawRow(offset + r.number, r.value, r.bad) for r in _read_file(path)]
         per_file.append((str(path), found[-1].number - offset if found else 0))
         rows.extend(found)
     return rows, per_file
@@ -152,13 +155,19 @@ def _read_file(path: Path) -> List[RawRow]:
 
 def _read_jsonl(data: bytes) -> List[RawRow]:
     rows = []
-    for number, line in enumerate(data.splitlines(), start=1):
+    # Editors on Windows start UTF-8 files with a byte order mark; it is not part of row 1.
+    for number, line in enumerate(data.removeprefix(BOM).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             # Decoding per line keeps one bad byte from costing more than its own row.
-            value = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            rows.append(RawRow(number, None, bad="not_utf8"))
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
             value = None
         rows.append(RawRow(number, value))
     return rows
@@ -167,7 +176,7 @@ def _read_jsonl(data: bytes) -> List[RawRow]:
 def _read_json(path: Path) -> List[RawRow]:
     data = path.read_bytes()
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError):
         # Many ".json" files are really JSON lines; read them as such.
         return _read_jsonl(data)
@@ -183,10 +192,24 @@ def _read_csv(path: Path) -> List[RawRow]:
 
     try:
         # Every cell as a string, and empty cells as "" (not NaN), so columns keep their meaning.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except (ValueError, pd.errors.ParserError) as e:
         raise UserError(f"{path}: not a readable CSV file: {e}") from None
     return [RawRow(i + 1, row) for i, row in enumerate(frame.to_dict(orient="records"))]
+
+
+def _not_utf8(path: Path) -> UserError:
+    """Where a file stops being UTF-8 (pandas reports offsets within its read buffer)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        where = f" (byte 0x{data[e.start]:02x} on line {line})"
+    return UserError(f"{path}: not UTF-8 text{where}; save it as UTF-8")
 
 
 def _read_parquet(path: Path) -> List[RawRow]:

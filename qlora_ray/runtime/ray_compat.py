@@ -1,0 +1,141 @@
+"""Every touch of Ray's private or unstable surface, in one place. Written for Ray 2.60
+(Train V2 the default); each item names what it relies on, so an upgrade checks this file.
+
+- ``ray._private.utils.get_dashboard_dependency_error``: whether ``ray[default]`` (the
+  dashboard) is installed;
+- logger names inside Ray (``ray._private.authentication...``, the job SDK's, Tune/Train's);
+- environment variables Ray reads: ``RAY_AIR_NEW_OUTPUT`` (Tune's reporter),
+  ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` and ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` (Train V2);
+- the ``node:__internal_head__`` resource (the head node; named in ``qlora_ray.cluster``);
+- Tune's ``Trial.error_file`` / ``Trial.get_error()``;
+- ``RayTaskError.cause``;
+- Tune's warning "Stop signal received" (``ray.tune.tune``), the one sign of a Ctrl-C that Tune
+  handled itself (its handler replaces ours and ``Tuner.fit`` returns normally).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+RAY_VERSION = "2.60"
+
+# Settings for the processes of the local Ray we start (its raylet takes this process's
+# environment; a value the user set wins). Ray Train's controller looks at its workers every 2 s
+# by default, so a finished trial waited up to that long, several times over, before Tune saw it
+# end: 0.5 s cut teardown from 4.5-4.7 s to 1.2-2.0 s a trial (benchmarks/RESULTS.md). Ray Train
+# also starts a process per trial that watches for preempted cloud nodes: on one machine there is
+# nothing to watch, and a dozen trials starting at once would start a dozen more processes.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Tune's classic reporter honours verbose=0; the new one prints a table per trial regardless.
+REPORTER_ENV = {"RAY_AIR_NEW_OUTPUT": "0"}
+# What a --detach job's driver runs with (the same reporter; output as it comes).
+JOB_ENV = {**REPORTER_ENV, "PYTHONUNBUFFERED": "1"}
+
+_TRIAL_LOGGERS = ("ray.tune", "ray.train", "ray.air")
+_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+_JOB_SDK_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                    "ray._private.runtime_env.packaging")
+
+
+def dashboard_available() -> bool:
+    """Whether the dashboard's dependencies (``ray[default]``) are installed."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:  # moved in a later Ray: assume ray[default] when aiohttp is there
+        import importlib.util
+
+        return importlib.util.find_spec("aiohttp") is not None
+    return get_dashboard_dependency_error() is None
+
+
+@contextlib.contextmanager
+def env_defaults(defaults: Dict[str, str]) -> Iterator[None]:
+    """``defaults`` in os.environ (where unset) for the block, then restored."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def silence_auth_notice() -> None:
+    """Ray logs a token-auth notice at every start; the dashboard line says what to do instead."""
+    logging.getLogger(_AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
+
+
+def quiet_job_sdk() -> None:
+    """The job SDK pins its loggers to INFO ("Uploading package ...", "WebSocket closed ...")."""
+    for name in _JOB_SDK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_trial_loggers() -> Iterator[None]:
+    """Tune and Train log every trial error with a traceback; the table and status.json say it."""
+    levels = {n: logging.getLogger(n).level for n in _TRIAL_LOGGERS}
+    for name in _TRIAL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def tune_trial_error(trial: Any) -> str:
+    """The text of the error Tune recorded for ``trial`` (its error file), or ''."""
+    text = None
+    with contextlib.suppress(Exception):
+        path = trial.error_file
+        if path and os.path.isfile(path):
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not text:
+        with contextlib.suppress(Exception):
+            text = trial.get_error()
+    return str(text or "")
+
+
+def task_error_cause(error: BaseException) -> BaseException:
+    """The user's exception inside a Ray task error (the error itself when it carries none)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+_TUNE_RUN_LOGGER = "ray.tune.tune"
+_STOP_SIGNAL_TEXT = "Stop signal received"
+
+
+class _StopSignalSeen(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+        self.at: Optional[str] = None  # when (records.now() format)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_STOP_SIGNAL_TEXT) and not self.seen:
+            from qlora_ray.records import now
+
+            self.seen, self.at = True, now()
+        return False  # quiet, as quiet_trial_loggers keeps the rest of Tune
+
+
+@contextlib.contextmanager
+def watch_stop_signal() -> Iterator[_StopSignalSeen]:
+    """For the block: ``.seen`` turns True when Tune takes a Ctrl-C (SIGINT) to end the run."""
+    logger = logging.getLogger(_TUNE_RUN_LOGGER)
+    seen = _StopSignalSeen()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the warning must reach the filter under quiet_trial_loggers
+    logger.addFilter(seen)
+    try:
+        yield seen
+    finally:
+        logger.removeFilter(seen)
+        logger.setLevel(level)
+
