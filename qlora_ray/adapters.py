@@ -179,6 +179,39 @@ class MergeOptions:
             raise UserError(f"OUT: '{out}' already exists; give a new folder")
 
 
+def check_data(spec: JobSpec, data_file: Optional[str], max_examples: Optional[int]) -> DataSpec:
+    """The data a drift check measures on: ``data_file`` read as the adapter was trained to read,
+    or else the adapter's own eval set (at most ``max_examples`` examples)."""
+    if data_file is not None:
+        return eval_data(spec, data_file, "auto", max_examples, None)
+    return dataclasses.replace(spec.data, max_eval_examples=max_examples or spec.data.max_eval_examples)
+
+
+@dataclass
+class AdapterMeasure:
+    """The adapter's eval perplexity on its quantized base, with the batches it was measured on."""
+
+    batches: Any
+    perplexity: float
+    target_tokens: int
+    tokenizer: Any
+
+
+def measure_adapter(adapter_dir: Path, spec: JobSpec, dspec: DataSpec, device,
+                    trust_remote_code: bool = False) -> AdapterMeasure:
+    """Eval perplexity of the adapter on the base it was trained on (the reference of a drift check)."""
+    model, tokenizer, dtype, _ = load_adapter(adapter_dir, device=device, trust_remote_code=trust_remote_code)
+    try:
+        prepared = data.prepare(dspec, tokenizer)
+    except UserError as e:
+        raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
+    batches = data.eval_batches(prepared, spec.eval.batch_size)
+    ppl, tokens = perplexity(model, batches, dtype)
+    if tokens == 0:
+        raise UserError("the eval data has no target tokens to check the drift on; pass --data FILE")
+    return AdapterMeasure(batches, ppl, tokens, tokenizer)
+
+
 def merge_adapter(target, out: Path, options: MergeOptions, status: Status = _quiet_status,
                   say: Callable[[str], None] = lambda text: None) -> MergeCheck:
     """Merge the adapter at ``target`` into its 16-bit base and save it to ``out`` (safetensors),
@@ -189,24 +222,14 @@ def merge_adapter(target, out: Path, options: MergeOptions, status: Status = _qu
     adapter_dir = find_adapter(target)
     spec = adapter_spec(adapter_dir, options.trust_remote_code)
     trained_on = spec.quantization.mode
-    if options.data_file is not None:
-        dspec = eval_data(spec, options.data_file, "auto", options.max_examples, None)
-    else:
-        dspec = dataclasses.replace(spec.data, max_eval_examples=options.max_examples or spec.data.max_eval_examples)
     device = pick_device(None)
     with status("measuring the adapter on its quantized base..."):
-        model, tokenizer, adapter_dtype, _ = load_adapter(adapter_dir, device=device,
-                                                          trust_remote_code=options.trust_remote_code)
-        try:
-            prepared = data.prepare(dspec, tokenizer)
-        except UserError as e:
-            raise UserError(f"{e}\n(the drift check needs eval data; pass --data FILE)") from None
-        batches = data.eval_batches(prepared, spec.eval.batch_size)
-        adapter_ppl, tokens = perplexity(model, batches, adapter_dtype)
-        del model
+        measured = measure_adapter(adapter_dir, spec, check_data(spec, options.data_file, options.max_examples),
+                                   device, options.trust_remote_code)
+    adapter_ppl, tokens, tokenizer = measured.perplexity, measured.target_tokens, measured.tokenizer
     with status(f"merging into the {options.dtype} base and measuring it..."):
-        merged, merged_dtype = _merged(adapter_dir, spec, options.dtype, device)
-        merged_ppl, _ = perplexity(merged, batches, merged_dtype)
+        merged, merged_dtype = merged_model(adapter_dir, spec, options.dtype, device)
+        merged_ppl, _ = perplexity(merged, measured.batches, merged_dtype)
     check = MergeCheck(adapter=str(adapter_dir), dtype=options.dtype, adapter_ppl=adapter_ppl, merged_ppl=merged_ppl,
                        drift=merged_ppl / adapter_ppl - 1.0, tolerance=options.tolerance, target_tokens=tokens)
     say(f"eval perplexity over {tokens:,} target tokens: adapter (on {trained_on} base) {adapter_ppl:.4f}, "
@@ -226,8 +249,9 @@ def merge_adapter(target, out: Path, options: MergeOptions, status: Status = _qu
     return check
 
 
-def _merged(adapter_dir: Path, spec: JobSpec, dtype: str, device):
-    """The adapter merged into its base loaded unquantized in ``dtype``, and its compute dtype."""
+def merged_model(adapter_dir: Path, spec: JobSpec, dtype: str, device):
+    """The adapter merged into its base loaded unquantized in ``dtype`` (bf16, fp16 or fp32; peft's
+    ``merge_and_unload``), and its compute dtype. ``spec`` is the adapter's; its quantization is replaced."""
     from peft import PeftModel
 
     spec.quantization = QuantizationSpec(mode="none", double_quant=False, compute_dtype=dtype)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from qlora_ray import layout
 from qlora_ray.errors import UserError
 
 KINDS = ("adapter", "merged", "gguf")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_CHECK_FILES = ("export_check.json", "merge_check.json")
+_CHECK_FILES = (layout.EXPORT_CHECK_FILE, layout.MERGE_CHECK_FILE)
 
 
 @dataclass
@@ -41,8 +42,10 @@ class UploadPlan:
 
 
 def plan_upload(target, repo_id: str, adapter: bool = False, merged: Optional[Path] = None,
-                gguf: Optional[Path] = None) -> UploadPlan:
-    """The files and model card for pushing the trial at ``target`` (trial or experiment folder)."""
+                gguf: Optional[Path] = None, trust_remote_code: bool = False) -> UploadPlan:
+    """The files and model card for pushing the trial at ``target`` (trial or experiment folder).
+    ``trust_remote_code`` (the user's choice, never the adapter's spec) lets the base model's
+    tokenizer code run for the data fingerprint."""
     from qlora_ray.model import adapter_spec, find_adapter
 
     if not _REPO_ID.match(repo_id):
@@ -50,10 +53,10 @@ def plan_upload(target, repo_id: str, adapter: bool = False, merged: Optional[Pa
     if sum([adapter, merged is not None, gguf is not None]) > 1:
         raise UserError("give at most one of --adapter, --merged DIR, --gguf DIR")
     adapter_dir = find_adapter(target)
-    spec = adapter_spec(adapter_dir)
+    spec = adapter_spec(adapter_dir, trust_remote_code)
     kind, folder = ("merged", Path(merged)) if merged else ("gguf", Path(gguf)) if gguf else ("adapter", adapter_dir)
     files = _files(kind, folder)
-    trial_dir = adapter_dir.parent if adapter_dir.name == "adapter" else None
+    trial_dir = adapter_dir.parent if adapter_dir.name == layout.ADAPTER_DIR else None
     row = _trial_row(trial_dir)
     check = next((json.loads((folder / f).read_text(encoding="utf-8")) for f in _CHECK_FILES
                   if (folder / f).is_file()), None)
@@ -69,7 +72,7 @@ def _files(kind: str, folder: Path) -> List[str]:
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
                    and str(p.relative_to(folder)) != "README.md")
-    needed = {"adapter": "adapter_config.json", "merged": "config.json", "gguf": ".gguf"}[kind]
+    needed = {"adapter": layout.ADAPTER_CONFIG, "merged": "config.json", "gguf": ".gguf"}[kind]
     if not any(f == needed or (needed == ".gguf" and f.endswith(".gguf")) for f in files):
         what = {"adapter": "an adapter", "merged": "a merged model (qlora-ray merge)",
                 "gguf": "a GGUF export (qlora-ray export)"}[kind]
@@ -78,16 +81,17 @@ def _files(kind: str, folder: Path) -> List[str]:
 
 
 def _trial_row(trial_dir: Optional[Path]):
-    from qlora_ray.results import BASELINE_FILE, read_json, read_trial
+    from qlora_ray.records import Baseline
+    from qlora_ray.results import read_trial
 
     if trial_dir is None or not trial_dir.is_dir():
         return None
     row = read_trial(trial_dir)
     if row.base_ppl is None:  # `qlora-ray train` keeps the base measure beside the trial
         for folder in (trial_dir, trial_dir.parent):
-            base = (read_json(folder / BASELINE_FILE) or {}).get("perplexity")
-            if isinstance(base, (int, float)):
-                row.base_ppl = base
+            base = Baseline.read(folder / layout.BASELINE_FILE)
+            if base is not None and isinstance(base.perplexity, (int, float)):
+                row.base_ppl = base.perplexity
                 break
     return row
 
@@ -147,12 +151,26 @@ def model_card(spec, row, kind: str, files: List[str], fingerprint: Optional[str
               "(the training data is not on the machine that pushed)",
               f"- Trained on: `{spec.data.train}`; evaluated on: `{spec.data.eval or 'a held-out fraction'}`"]
     if check:
-        lines.append(f"- Export check: {check.get('kind', 'merged')} {check.get('outtype', check.get('dtype', ''))} "
-                     f"eval perplexity {_num(check.get('gguf_ppl', check.get('merged_ppl')), '{:.4f}')} vs the "
-                     f"adapter's {_num(check.get('adapter_ppl'), '{:.4f}')} (drift {_num(check.get('drift'), '{:+.2%}')})")
+        lines.append(_check_line(check))
     lines += ["", "## Use", "", "```", _usage(kind, files), "```", "",
               "## Resolved spec", "", "```yaml", to_yaml(spec).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _check_line(check: dict) -> str:
+    """The export's or merge's check as one card line: what was measured against what."""
+    if "gguf_ppl" not in check:  # merge_check.json: the merged model against the adapter
+        return (f"- Merge check: merged {check.get('dtype', '')} eval perplexity {_num(check.get('merged_ppl'), '{:.4f}')}"
+                f" vs the adapter's {_num(check.get('adapter_ppl'), '{:.4f}')} (drift {_num(check.get('drift'), '{:+.2%}')})")
+    merged = check.get("merged_ppl") is not None
+    source, source_ppl = ("the fp32 merge's", check["merged_ppl"]) if merged else ("the adapter's", check.get("adapter_ppl"))
+    line = (f"- Export check: {check.get('kind', 'merged')} GGUF {check.get('outtype', '')} eval perplexity "
+            f"{_num(check.get('gguf_ppl'), '{:.4f}')} vs {source} {_num(source_ppl, '{:.4f}')} "
+            f"(drift {_num(check.get('drift'), '{:+.2%}')})")
+    if merged:
+        line += (f"; adapter on its quantized base {_num(check.get('adapter_ppl'), '{:.4f}')} "
+                 f"(merge gap {_num(check.get('merge_drift'), '{:+.2%}')})")
+    return line
 
 
 def _usage(kind: str, files: List[str]) -> str:

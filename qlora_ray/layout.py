@@ -67,6 +67,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SPEC_FILE = "qlora_ray_spec.yaml"
 MERGE_CHECK_FILE = "merge_check.json"
 
+# ---------------------------------------------------------------- an export folder (qlora-ray export)
+EXPORT_CHECK_FILE = "export_check.json"
+MODELFILE = "Modelfile"  # Ollama's
+
 # ---------------------------------------------------------------- elsewhere
 CACHE_ROOT = Path.home() / ".cache" / "qlora-ray"
 STAGING_DIR = "qlora-ray"  # under the system temp folder: a URI experiment's trial, staged locally

@@ -9,7 +9,7 @@ refused rather than misread. Pure Python: no torch, no Ray.
     baseline.json     Baseline             <trial>/status.json    TrialStatus
     <trial>/result.json   TrialResult (FinalMetrics + what the runtime saw)
     <trial>/metrics.jsonl StepMetrics, one per line     <trial>/events.jsonl  TrialEvent, one per line
-    <merged model>/merge_check.json   MergeCheck
+    <merged model>/merge_check.json   MergeCheck      <export>/export_check.json   ExportCheck
 """
 
 from __future__ import annotations
@@ -369,3 +369,21 @@ class MergeCheck(Record):
     drift: float
     tolerance: float
     target_tokens: int
+
+
+@dataclass
+class ExportCheck(Record):
+    """``export_check.json`` beside a GGUF: its eval perplexity against the model it was converted
+    from (``drift``, held within ``tolerance``), and the merge's own gap from the adapter beside it."""
+
+    adapter: str
+    gguf: str
+    kind: str                 # "merged" (a whole model) or "lora" (the adapter alone)
+    outtype: str              # the GGUF's weights: f16 or q8_0
+    adapter_ppl: float        # the adapter on its quantized base (the model that was trained)
+    gguf_ppl: float           # what the GGUF computes
+    drift: float              # gguf_ppl against what it came from: merged_ppl (merged), adapter_ppl (lora)
+    tolerance: float
+    target_tokens: int
+    merged_ppl: Optional[float] = None    # the fp32 merge the merged GGUF was converted from
+    merge_drift: Optional[float] = None   # merged_ppl / adapter_ppl - 1: reported, not a refusal reason

@@ -12,16 +12,19 @@ from typing import Optional
 import typer
 
 from qlora_ray.cli.app import app, console, err_console, user_errors
+from qlora_ray.cli.train_cmds import _quiet_libraries, _say_base
+
+_TRUST_HELP = ("Let the base model's own Python code run (models with custom code). Off whatever the "
+               "adapter's spec says: only for a model you trust.")
 
 
 def _quiet() -> None:
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    _quiet_libraries()
     transformers.utils.logging.set_verbosity_error()
-    for module in ("transformers", "peft", "bitsandbytes", "torch", "gguf"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    for category in (FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module="gguf")
 
 
 @app.command()
@@ -34,24 +37,31 @@ def export(
     outtype: str = typer.Option("q8_0", "--outtype", help="GGUF weights: f16 or q8_0 (8-bit blocks, half the size)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Write the adapter alone as a LoRA GGUF "
                                       "(for llama.cpp --lora or an Ollama ADAPTER line), not merged into the base."),
-    tolerance: float = typer.Option(0.02, "--tolerance", help="Largest accepted relative drift of the GGUF's eval "
-                                    "perplexity from the adapter's on its quantized base (0.02 = 2%)."),
+    tolerance: float = typer.Option(0.02, "--tolerance", help="Largest accepted relative drift, either way, of the "
+                                    "GGUF's eval perplexity from the model it was converted from: the fp32 merge, "
+                                    "or with --adapter-only the adapter on its quantized base (0.02 = 2%)."),
     data_file: Optional[str] = typer.Option(None, "--data", help="Data for the drift check (default: the "
                                             "adapter's eval set)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Check on at most this many examples."),
     converter_sdist: Optional[Path] = typer.Option(None, "--converter-sdist", help="A local llama_cpp_python-"
                                                    "0.3.16.tar.gz to take llama.cpp's converter from, instead of "
                                                    "downloading it (first use only; its hash is checked)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
 ) -> None:
     """Export an adapter as GGUF for llama.cpp and Ollama, kept only if its perplexity holds.
 
     Merges the adapter into the unquantized base, converts it with llama.cpp's
     convert_hf_to_gguf.py (fetched once into the cache from the llama-cpp-python source
     package, hash checked), re-loads the GGUF through transformers and measures its eval
-    perplexity against the adapter's. When it is worse than the adapter by more than
-    --tolerance, or differs from the merge it was converted from by more than that, the
-    export is refused with exit status 1 and nothing is written. OUT also gets an Ollama Modelfile (chat template,
-    system prompt and stop tokens of the model's tokenizer) and export_check.json.
+    perplexity on the same target tokens as the merge it was converted from. When the two
+    differ by more than --tolerance (either way) the export is refused with exit status 1 and
+    nothing is written: that drift is what the file can be blamed for. The merge's own gap
+    from the adapter on its quantized base, which `qlora-ray merge` refuses on, is reported
+    beside it but does not refuse an export (the fp32 merge on the unquantized base often
+    scores better than the 4-bit base; run `qlora-ray merge` to hold it to --tolerance).
+    With --adapter-only the LoRA GGUF is read back into the adapter and compared with it.
+    OUT also gets an Ollama Modelfile (chat template, system prompt and stop tokens of the
+    model's tokenizer) and export_check.json.
 
     Examples:
       qlora-ray export runs/hinglish_smoke/hinglish_smoke exports/hinglish-q8 --outtype q8_0
@@ -59,13 +69,16 @@ def export(
       cd exports/hinglish-q8 && ollama create hinglish -f Modelfile && ollama run hinglish
     """
     from qlora_ray.errors import UserError
-    from qlora_ray.export import DriftError, ExportOptions, export_gguf
+    from qlora_ray.export import DriftError, ExportOptions, check_options, export_gguf
 
     if fmt != "gguf":
         raise UserError(f"--format: '{fmt}' is not supported; the one format is gguf")
     _quiet()
     options = ExportOptions(outtype=outtype, adapter_only=adapter_only, tolerance=tolerance, data_file=data_file,
-                            max_examples=max_examples, converter_sdist=converter_sdist)
+                            max_examples=max_examples, converter_sdist=converter_sdist,
+                            trust_remote_code=trust_remote_code)
+    check_options(options, out)
+    _say_base(target, trust_remote_code)
     try:
         with err_console.status("exporting...") as status:
             check = export_gguf(target, out, options, say=lambda text: status.update(text))
@@ -80,10 +93,14 @@ def export(
 
 
 def _print_check(check) -> None:
-    merged = f", merged (fp32) {check.merged_ppl:.4f}" if check.merged_ppl is not None else ""
+    if check.merged_ppl is not None:
+        source = f"merged (fp32) {check.merged_ppl:.4f} (gap from the adapter {check.merge_drift:+.2%}, not checked)"
+    else:
+        source = "the GGUF read back into the adapter"
     console.print(f"eval perplexity over {check.target_tokens:,} target tokens: adapter (quantized base) "
-                  f"{check.adapter_ppl:.4f}{merged}, GGUF {check.kind} {check.outtype} {check.gguf_ppl:.4f}, "
-                  f"drift {check.drift:+.2%} (tolerance {check.tolerance:.2%})", highlight=False)
+                  f"{check.adapter_ppl:.4f}, {source}, GGUF {check.kind} {check.outtype} {check.gguf_ppl:.4f}: "
+                  f"drift {check.drift:+.2%} from what it was converted from (tolerance {check.tolerance:.2%})",
+                  highlight=False)
 
 
 @app.command()
@@ -98,6 +115,7 @@ def push(
                                         "(from `qlora-ray export`) instead."),
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the model card; upload nothing."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
 ) -> None:
     """Upload a tuned model to the Hugging Face Hub with a model card carrying its leaderboard row.
 
@@ -110,7 +128,8 @@ def push(
     """
     from qlora_ray.hub import plan_upload, upload
 
-    plan = plan_upload(target, repo_id, adapter=adapter, merged=merged, gguf=gguf)
+    _say_base(target, trust_remote_code)
+    plan = plan_upload(target, repo_id, adapter=adapter, merged=merged, gguf=gguf, trust_remote_code=trust_remote_code)
     console.print(f"{'would upload' if dry_run else 'uploading'} to {plan.repo_id} ({plan.kind}):", highlight=False)
     for path, size in plan.listing():
         console.print(f"  {path}  {size:,} bytes", highlight=False, soft_wrap=True)
