@@ -198,24 +198,6 @@ def test_push_dry_run_lists_files_and_prints_the_card(trained, monkeypatch):
     assert "on base model" in result.output and "@ default revision" in result.output
 
 
-def test_export_and_push_refuse_an_adapter_asking_for_remote_code(trained, tmp_path):
-    """The adapter's spec never turns remote code on: without --trust-remote-code nothing loads (exit 2)."""
-    import shutil
-
-    import yaml
-
-    adapter = tmp_path / "shared_adapter"
-    shutil.copytree(trained / "adapter", adapter)
-    spec_file = adapter / "qlora_ray_spec.yaml"
-    spec = yaml.safe_load(spec_file.read_text())
-    spec["model"]["trust_remote_code"] = True
-    spec_file.write_text(yaml.safe_dump(spec))
-    for args in (["export", str(adapter), str(tmp_path / "out")], ["push", str(adapter), "me/x", "--dry-run"]):
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 2 and "--trust-remote-code" in result.output, result.output
-    assert not (tmp_path / "out").exists()
-
-
 def test_push_uploads_one_commit_with_the_card_and_never_prints_the_token(trained, tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -1,5 +1,5 @@
 """An adapter folder does not decide whether a model's own code runs: ``chat``, ``eval`` and
-``merge`` run a base model's custom code only with ``--trust-remote-code`` on their command line,
+``merge``, ``export`` and ``push`` run a base model's custom code only with ``--trust-remote-code`` on their command line,
 and name the base model and revision they are about to load. The "custom code" here is real: a
 model folder whose config maps to a Python file that leaves a marker when it is imported."""
 
@@ -56,13 +56,15 @@ def test_an_adapter_cannot_switch_remote_code_on(shared_adapter, tmp_path, tiny_
     runner = CliRunner()
     for args in (["chat", str(adapter), "-p", "hi", "--max-new-tokens", "2"],
                  ["eval", str(adapter), "--data", str(tiny_data_dir / "eval.jsonl")],
-                 ["merge", str(adapter), str(tmp_path / "merged")]):
+                 ["merge", str(adapter), str(tmp_path / "merged")],
+                 ["export", str(adapter), str(tmp_path / "exported")],
+                 ["push", str(adapter), "me/x", "--dry-run"]):
         refused = runner.invoke(app, args)
         assert refused.exit_code == 2, refused.output
         assert "--trust-remote-code" in refused.output and str(custom) in refused.output
         assert "Nothing was loaded" in refused.output
         assert not marker.exists()
-    assert not (tmp_path / "merged").exists()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "exported").exists()
 
     allowed = runner.invoke(app, ["chat", str(adapter), "-p", "hi", "--max-new-tokens", "2", "--trust-remote-code"])
     assert f"on base model '{custom}' @ default revision (unpinned)" in allowed.output.replace("\n", "")
