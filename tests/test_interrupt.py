@@ -73,3 +73,22 @@ def test_ctrl_c_stops_a_trial_and_a_resubmit_resumes_it(tiny_spec_file, runner):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert lines[:3] == kept  # the first run's rows, not a second history
     assert json.loads((trial / "status.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow  # a driver kill and a Tune retry: several minutes on a loaded 2-core machine
+def test_a_killed_trial_driver_is_retried_from_its_checkpoint(tiny_spec_file):
+    """SIGKILL of a trial's driver (Tune's ``ray::ImplicitFunc``, which runs the TorchTrainer) at
+    step 4: Tune starts the trial again (resources.max_failures), it resumes from its step-3
+    checkpoint and finishes; one history in metrics.jsonl."""
+    exp = tiny_spec_file.parent / "runs" / "tiny"
+    trial = exp / "tiny"
+    proc = _submit(tiny_spec_file, "resources.cpus_per_trial=0.5", "--no-dashboard", faults={"kill_driver_at_step": 4},
+                   timeout=900)
+    assert proc.returncode == 0, _out(proc)
+    assert (trial / ".test-driver-killed").exists()  # the fault did fire
+    starts = [e for e in _rows(trial / "events.jsonl") if e["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["resume_from"] is None, starts
+    assert starts[1]["resume_from"] and "checkpoint" in starts[1]["resume_from"], starts
+    assert [r["step"] for r in _rows(trial / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    status = json.loads((trial / "status.json").read_text())
+    assert status["status"] == "finished", status

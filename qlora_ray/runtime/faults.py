@@ -19,6 +19,8 @@ from typing import Optional
 # Marks that the kill has fired in a trial folder, so the retry lives.
 KILLED_MARKER = ".test-killed"
 STALLED_MARKER = ".test-stalled"
+DRIVER_PID_FILE = ".test-driver-pid"
+DRIVER_KILLED_MARKER = ".test-driver-killed"
 STALL_S = 600
 
 
@@ -33,6 +35,9 @@ class FaultPlan:
     # The worker stalls at this step on its first attempt (after the step's report), so a test can
     # interrupt the sweep at a known point; ``STALLED_MARKER`` in the trial folder says it is there.
     stall_at_step: Optional[int] = None
+    # The worker SIGKILLs its trial driver (Tune's ``ray::ImplicitFunc``) at this step on its first
+    # attempt: the driver records its pid in the trial folder when it starts (``DRIVER_PID_FILE``).
+    kill_driver_at_step: Optional[int] = None
 
     def at_step(self, step: Optional[int], trial_dir: Path) -> None:
         """Called by the worker after each step's report is built, before it is sent."""
@@ -43,13 +48,22 @@ class FaultPlan:
 
     def after_report(self, step: Optional[int], trial_dir: Path) -> None:
         """Called by the worker after each step's report was sent."""
+        pid_file = Path(trial_dir) / DRIVER_PID_FILE
+        if self.kill_driver_at_step and step == self.kill_driver_at_step and pid_file.exists() \
+                and not (Path(trial_dir) / DRIVER_KILLED_MARKER).exists():
+            (Path(trial_dir) / DRIVER_KILLED_MARKER).write_text(pid_file.read_text())
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            time.sleep(STALL_S)  # this worker goes down with its driver
         marker = Path(trial_dir) / STALLED_MARKER
         if self.stall_at_step and step == self.stall_at_step and not marker.exists():
             marker.write_text(str(os.getpid()))
             time.sleep(STALL_S)
 
-    def at_trial_start(self, trial_id: str) -> None:
+    def at_trial_start(self, trial_id: str, trial_dir: Optional[Path] = None) -> None:
         """Called by the trial driver once the trial is stamped running."""
+        if self.kill_driver_at_step and trial_dir is not None:
+            Path(trial_dir).mkdir(parents=True, exist_ok=True)
+            (Path(trial_dir) / DRIVER_PID_FILE).write_text(str(os.getpid()))
         if self.crash_trial == trial_id:
             raise RuntimeError(f"injected fault: the trial driver of {trial_id} crashed on purpose")
 

@@ -46,9 +46,10 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress],
-            # Runner train: Ray Train restarts a dead worker; a Tune retry would start it twice over.
-            failure_config=tune.FailureConfig(
-                max_failures=spec.resources.max_failures if spec.resources.runner == "tune" else 0),
+            # Runner train: Ray Train restarts a dead worker, and the trial function ends normally
+            # whatever the worker did, so a Tune retry happens only when the trial's driver itself
+            # died (killed, its node lost): it resumes from the trial's checkpoint like a worker.
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
     interrupted, since = True, None

@@ -191,13 +191,24 @@ def _torch_trainer(config: TrialConfig, storage: Storage):
             accelerator_type=res.accelerator_type),
         run_config=ray.train.RunConfig(
             name=trial.id, storage_path=storage.uri(layout.RAY_TRAIN_DIR),
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            # controller_failure_limit: Train retries a worker group that cannot start (its resources
+            # never come) without end by default; a finite budget ends the trial with that reason.
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures,
+                                                   controller_failure_limit=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()]),
     )
 
 
 # ---------------------------------------------------------------- the Tune trial function
+
+def trial_resources_text(res) -> str:
+    """What one trial's worker asks for, as a user reads it."""
+    parts = [f"{res.cpus_per_trial:g} CPU"]
+    if res.gpus_per_trial:
+        parts.append(f"{res.gpus_per_trial:g} GPU" + (f" {res.accelerator_type}" if res.accelerator_type else ""))
+    return ", ".join(parts)
+
 
 def _missing_outcome(storage: Storage, trial: Trial) -> str:
     """Why a trial ended without ``result.json``: a full disk where it writes, when that is so."""
@@ -217,7 +228,7 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
     config = sweep.config(params["trial_id"])
     trial, storage = config.trial, Storage(sweep.exp)
     run = experiment.mark_running(storage, trial)
-    config.faults.at_trial_start(trial.id)
+    config.faults.at_trial_start(trial.id, Path(storage.path(trial.id)) if storage.is_local_path else None)
     result: Optional[TrialResult] = None
     try:
         if trial.spec.resources.runner == "tune":
@@ -230,6 +241,9 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
         if trial.spec.resources.runner == "tune":
             raise  # Tune restarts the trial from its last checkpoint (resources.max_failures times)
         error = experiment.reason(e)
+        if "startup timed out" in str(e):
+            error = (f"could not get its resources ({trial_resources_text(trial.spec.resources)}) after "
+                     f"{trial.spec.resources.max_failures + 1} tries: {error}")
     status = experiment.mark_ended(storage, run, result, error)
     final = result.final if result else None
     tune.report({"trial_state": status.status.value, "reason": error or "",
