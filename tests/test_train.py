@@ -124,7 +124,7 @@ def test_fit_trains_and_writes_the_trial_folder(reference):
         "adapter_config.json", "adapter_model.safetensors", "qlora_ray_spec.yaml", "tokenizer.json"}
     checkpoint_files = {p.name for p in (trial / "checkpoints" / "step_6").iterdir()}
     assert checkpoint_files == {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
-                                "state.json", "manifest.json"}
+                                "state.json", "spec.yaml", "manifest.json"}
     samples = (trial / "samples.md").read_text()
     assert "| 1 | Chai kaise banate hain? |" in samples and "| 2 | Kal barish hogi? |" in samples
 
