@@ -497,7 +497,8 @@ def _label(board: Leaderboard, row: TrialRow) -> str:
 
 
 def _plot_ppl(board: Leaderboard, ax) -> None:
-    done = [r for r in board.rows if _num(r.eval_ppl)]
+    # A pruned trial's figure is a periodic one (maybe on a subset): its curve shows it instead.
+    done = [r for r in board.rows if _num(r.eval_ppl) and r.status != PRUNED]
     keys = board.sweep_keys
     ax.set_title("eval perplexity (lower is better)")
     if not done:

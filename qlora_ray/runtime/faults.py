@@ -38,9 +38,16 @@ class FaultPlan:
     # The worker SIGKILLs its trial driver (Tune's ``ray::ImplicitFunc``) at this step on its first
     # attempt: the driver records its pid in the trial folder when it starts (``DRIVER_PID_FILE``).
     kill_driver_at_step: Optional[int] = None
+    # The worker of this trial finds an infinite training loss at its first reported step (what a
+    # diverging run meets), raised as the loss check raises it: a deterministic failure, never retried.
+    inf_loss_trial: Optional[str] = None
 
     def at_step(self, step: Optional[int], trial_dir: Path) -> None:
         """Called by the worker after each step's report is built, before it is sent."""
+        if self.inf_loss_trial and step and Path(trial_dir).name == self.inf_loss_trial:
+            from qlora_ray.train import NonFiniteLossError
+
+            raise NonFiniteLossError(step, float("inf"))
         marker = Path(trial_dir) / KILLED_MARKER
         if self.kill_at_step and step == self.kill_at_step and not marker.exists():
             marker.write_text(str(os.getpid()))
