@@ -14,10 +14,7 @@ from qlora_ray.kernels.elementwise import dropout_mask  # noqa: E402
 from qlora_ray.model import add_lora, load_base, set_gradient_checkpointing  # noqa: E402
 from qlora_ray.spec import load_spec  # noqa: E402
 
-try:  # the loss moves to its own module
-    from qlora_ray.loss import token_loss  # noqa: E402
-except ImportError:
-    from qlora_ray.evaluate import token_loss  # noqa: E402
+from qlora_ray.loss import token_loss  # noqa: E402
 
 from tests.conftest import write_tiny_spec  # noqa: E402
 
@@ -40,7 +37,7 @@ def _model(tmp_path, model_dir, data_dir, dropout=0.0, checkpointing=False, comp
         train=f"{{max_steps: 2, batch_size: 4, gradient_checkpointing: {str(checkpointing).lower()}}}",
         resources=f"{{gpus_per_trial: {1 if device == 'cuda' else 0}}}"))
     torch.manual_seed(0)
-    model, tokenizer = load_base(spec, device=device)
+    model, tokenizer, _, _ = load_base(spec, device=device)
     model = add_lora(model, spec)
     with torch.no_grad():  # B starts at zero: give it values so every A gradient is non-zero too
         for name, p in model.named_parameters():
@@ -53,10 +50,10 @@ def _model(tmp_path, model_dir, data_dir, dropout=0.0, checkpointing=False, comp
     return model, batch
 
 
-def _loss_and_grads(model, batch, seed=1):
+def _loss_and_grads(model, batch, seed=1, dtype=None):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss, count = token_loss(model, batch)
+    loss, count = token_loss(model, batch, dtype)
     (loss / count).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach()), grads
@@ -154,9 +151,10 @@ def test_fused_matches_peft_on_cuda(tmp_path, tiny_model_dir, tiny_data_dir, com
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model, batch = _model(tmp_path, tiny_model_dir, tiny_data_dir, 0.0, checkpointing, compute, "cuda")
-    reference = _loss_and_grads(model, batch)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[compute]
+    reference = _loss_and_grads(model, batch, dtype=dtype)
     with fuse(model):
-        fused = _loss_and_grads(model, batch)
+        fused = _loss_and_grads(model, batch, dtype=dtype)
     # Half precision: the fused path rounds in other places (it keeps activations in the
     # compute dtype where peft goes through fp32), so a few parts in a thousand.
     _compare(reference, fused, rtol=2e-2 if compute == "bf16" else 5e-3)
