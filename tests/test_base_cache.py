@@ -154,5 +154,6 @@ def test_second_baseline_and_second_run_do_not_measure_the_base_again(spec_parts
     changed = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, max_new_tokens=3))
     training.fit(changed, lambda m, c: None, training.RunContext(trial_dir=str(tmp_path / "t2")))
     assert len(measured) == 3  # a changed decoding setting: base and tuned measured
-    # Two keys, the perplexity-only key they share (what `qlora-ray eval` asks for), the file hashes.
-    assert len(list((tmp_path / "cache" / base_cache.FOLDER).glob("*.json"))) == 4
+    # Two keys, the perplexity-only key they share (what `qlora-ray eval` asks for), the unquantized
+    # base's perplexity (eval.quantization_cost), the file hashes.
+    assert len(list((tmp_path / "cache" / base_cache.FOLDER).glob("*.json"))) == 5

@@ -249,7 +249,7 @@ def eval_(
     _say_base(target, trust_remote_code)
     results = evaluate_adapter_on(
         target, [(lambda spec, f=f: eval_data(spec, f, fmt, max_examples, max_seq_len)) for f in data_files],
-        batch_size, status=err_console.status, bar=None if quiet else _token_bar,
+        batch_size, status=err_console.status, bar=None if quiet or as_json else _token_bar,
         trust_remote_code=trust_remote_code)
     if as_json:
         payload = [dataclasses.asdict(r) for r in results]
