@@ -206,10 +206,7 @@ def main() -> None:
             target_tokens=result.target_tokens, batch=result.batch, train_s=result.train_s,
             process_s=time.time() - started, gpu=sides.gpu_name())
 
-    if args.serve:
-        sides.serve(run_once)
-    else:
-        sides.write(run_once({}), args.out)
+    sides.serve_or_run(run_once, args)
 
 
 if __name__ == "__main__":

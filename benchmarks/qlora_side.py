@@ -197,10 +197,7 @@ def main() -> None:
             target_tokens=sum(clock.tokens), batch=args.batch_size * task.max_seq_len, train_s=sum(clock.times),
             process_s=time.time() - started, gpu=sides.gpu_name(), notes=notes)
 
-    if args.serve:
-        sides.serve(run_once)
-    else:
-        sides.write(run_once({}), args.out)
+    sides.serve_or_run(run_once, args)
 
 
 if __name__ == "__main__":

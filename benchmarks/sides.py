@@ -182,3 +182,11 @@ def free() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def serve_or_run(run_once, args) -> None:
+    """A side's entry: answer the orchestrator's requests (``--serve``) or run once into ``--out``."""
+    if args.serve:
+        serve(run_once)
+    else:
+        write(run_once({}), args.out)

@@ -92,10 +92,7 @@ def main() -> None:
             process_s=time.time() - started, gpu=sides.gpu_name(),
             notes={"unsloth": getattr(unsloth, "__version__", "?")})
 
-    if args.serve:
-        sides.serve(run_once)
-    else:
-        sides.write(run_once({}), args.out)
+    sides.serve_or_run(run_once, args)
 
 
 if __name__ == "__main__":
