@@ -12,7 +12,6 @@ gradient checkpointing on), except the compute dtype: fp16 on every side, as on 
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 import sys
 import time
@@ -26,27 +25,6 @@ import sides  # noqa: E402
 # Linear parameters of the TinyLlama shape a token passes through (22 layers + the output head).
 LINEAR_PARAMS = 22 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 2048 * 32000
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "T4": 65.0}  # dense fp16/bf16 datasheet
-
-
-def _project():
-    """The project's training step and optimizer builders, wherever the train package keeps them."""
-    for name in ("qlora_ray.train", "qlora_ray.train.step", "qlora_ray.train.loop", "qlora_ray.train.optim"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "_step") and hasattr(module, "build_optimizer"):
-            return module._step, module.build_optimizer, module.build_scheduler
-    found = {}
-    for name in ("qlora_ray.train.step", "qlora_ray.train.optim", "qlora_ray.train.optimizer", "qlora_ray.train"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for attr in ("_step", "step", "build_optimizer", "build_scheduler"):
-            if hasattr(module, attr) and attr not in found:
-                found[attr] = getattr(module, attr)
-    return found.get("_step") or found["step"], found["build_optimizer"], found["build_scheduler"]
 
 
 def write_spec(work: Path, task: sides.Task, args) -> Path:
@@ -70,10 +48,11 @@ def train(args, task: sides.Task, max_steps: int = 0):
     from qlora_ray import data
     from qlora_ray.model import add_lora, load_base
     from qlora_ray.spec import load_spec
+    from qlora_ray.train.optim import build_parts
+    from qlora_ray.train.step import step
 
-    step, build_optimizer, build_scheduler = _project()
     spec = load_spec(write_spec(args.work, task, args))
-    model, tokenizer = load_base(spec)
+    model, tokenizer, dtype, _ = load_base(spec)
     prepared = data.prepare(spec.data, tokenizer)
     torch.manual_seed(task.seed)
     model = add_lora(model, spec)
@@ -82,38 +61,35 @@ def train(args, task: sides.Task, max_steps: int = 0):
         from qlora_ray.kernels import fuse
 
         handle = fuse(model, compile=args.compile, offload=args.offload)
-    device = next(model.parameters()).device
     t = spec.train
-    params = [p for p in model.parameters() if p.requires_grad]
     batches = data.train_batches(prepared, spec.data, t.batch_size, 0, t.seed)
-    optimizer = build_optimizer(t, params, device)
-    scheduler = build_scheduler(optimizer, t, len(batches))
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    parts = build_parts(model, t, len(batches), dtype)
     clock, losses = sides.Clock(), []
     for i in range(min(len(batches), max_steps) if max_steps > 0 else len(batches)):
         batch = batches[i]  # collated before the clock starts, as the Trainer's batches are
         if args.profile and i == len(batches) // 2 and not max_steps:
             try:
-                profile_step(args, model, batch, optimizer, scheduler, scaler, params, t, step, tokenizer.pad_token_id)
+                profile_step(args, parts, batch, t, tokenizer.pad_token_id)
             except Exception as e:  # a profile that fails must not cost the run
                 print(f"profile failed: {type(e).__name__}: {e}", flush=True)
             continue
         clock.start()
-        loss_sum, targets, _ = step(model, [batch], optimizer, scheduler, scaler, params, t, i + 1,
-                                    tokenizer.pad_token_id)
-        clock.stop(targets)
-        losses.append(loss_sum / max(1, targets))
+        outcome = step(parts, [batch], t, i + 1, tokenizer.pad_token_id)
+        clock.stop(outcome.targets)
+        losses.append(outcome.loss_sum / max(1, outcome.targets))
     return model, tokenizer, handle, clock, losses
 
 
-def profile_step(args, model, batch, optimizer, scheduler, scaler, params, t, step, pad_id) -> None:
+def profile_step(args, parts, batch, t, pad_id) -> None:
     """One step under the torch profiler: CUDA time by kernel family, matmul share, MFU."""
     from torch.profiler import ProfilerActivity, profile
+
+    from qlora_ray.train.step import step
 
     sides.sync()
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _, targets, _ = step(model, [batch], optimizer, scheduler, scaler, params, t, 0, pad_id)
+        targets = step(parts, [batch], t, 0, pad_id).targets
         sides.sync()
     wall = time.perf_counter() - started
     families = {}
