@@ -191,17 +191,30 @@ def mark_failed(storage: Storage, trial_id: str, reason: str) -> TrialStatus:
     return status
 
 
+# A terminal's Ctrl-C reaches the trial's Ray processes too, which can tear its TorchTrainer down
+# (and stamp the trial failed) a few seconds before Tune's driver logs that it is stopping.
+INTERRUPT_SLACK_S = 30.0
+
+
+def _seconds_before(stamp: Optional[str], reference: str) -> float:
+    """How many seconds ``stamp`` (a records.now() timestamp) lies before ``reference`` (inf if unset)."""
+    if not stamp:
+        return float("inf")
+    return (datetime.fromisoformat(reference) - datetime.fromisoformat(stamp)).total_seconds()
+
+
 def mark_stopped(storage: Storage, trial_ids: List[str], interrupted: bool,
                  failed_since: Optional[str] = None) -> None:
     """A trial still marked running after the grid ended (Ctrl-C, a dead driver) is stopped;
     the next submit resumes it from its checkpoint. ``interrupted`` (Ctrl-C): so is a trial
-    stamped failed at or after ``failed_since`` (the moment of the interrupt)."""
+    stamped failed after, or within INTERRUPT_SLACK_S before, ``failed_since`` (when the
+    interrupt was seen)."""
     for trial_id in trial_ids:
         status = trial_status(storage, trial_id)
         if status is None:
             continue
         cut_off = (interrupted and failed_since is not None and status.status == TrialState.FAILED
-                   and (status.ended_at or "") >= failed_since)
+                   and _seconds_before(status.ended_at, failed_since) <= INTERRUPT_SLACK_S)
         if status.status == TrialState.RUNNING or cut_off:
             status.status, status.ended_at = TrialState.STOPPED, now()
             status.reason = "interrupted (Ctrl-C)" if interrupted else "ended without a result"
