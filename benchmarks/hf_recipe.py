@@ -17,7 +17,6 @@ As a side of the throughput benchmark (its own process)::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -168,10 +167,7 @@ def tuned(model_dir: str, tokenizer, rows, task: "sides.Task", out_dir: str, bat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
-    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
+    parser = sides.side_parser(__doc__)
     parser.add_argument("--tuned", action="store_true", help="Length-grouped, largest batch that fits.")
     parser.add_argument("--batch", type=int, default=8, help="Rows a step (naive form); with --tuned: try only this.")
     parser.add_argument("--max-steps", type=int, default=-1)

@@ -11,7 +11,6 @@ gradient checkpointing on), except the compute dtype: fp16 on every side, as on 
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -134,10 +133,7 @@ def kernel_family(name: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
-    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
+    parser = sides.side_parser(__doc__)
     parser.add_argument("--name", default=None)
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8, help="Packed rows of 512 a step (the spec default 8).")

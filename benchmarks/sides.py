@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+import argparse
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -190,3 +191,12 @@ def serve_or_run(run_once, args) -> None:
         serve(run_once)
     else:
         write(run_once({}), args.out)
+
+
+def side_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every side takes: its work folder, and run once (``--out``) or ``--serve``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
+    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
+    return parser

@@ -23,7 +23,6 @@ os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 import unsloth  # noqa: E402,F401  (first: it patches transformers and peft)
 from unsloth import FastLanguageModel  # noqa: E402
 
-import argparse  # noqa: E402
 import gc  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -48,10 +47,7 @@ def load(model_dir: str, task: sides.Task):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, help="Run once into this file (else --serve).")
-    parser.add_argument("--serve", action="store_true", help="Stay up and run on request (see sides.py).")
+    parser = sides.side_parser(__doc__)
     parser.add_argument("--batches", default="128,64,32", help="Largest first; the first that fits is used.")
     args = parser.parse_args()
     task = sides.Task.read(args.work)
