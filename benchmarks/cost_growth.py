@@ -29,11 +29,11 @@ def measure(out: Path, smoke: bool) -> Path:
     import torch
     from transformers import AutoTokenizer
 
+    import sides
     from make_model import make
-    from throughput import T4_FRACTION, chain_rows, run_qlora_ray, write_text_rows
+    from throughput import chain_rows, run_qlora_ray, write_text_rows
 
-    if torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(T4_FRACTION)
+    sides.cap_memory(15.0)  # a T4's usable memory, of whatever GPU runs this
     work = Path(tempfile.mkdtemp(prefix="qlora-cost-"))
     model_dir = make(work / "model", smoke=smoke)
     eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id

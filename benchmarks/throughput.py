@@ -59,7 +59,6 @@ sys.path.insert(0, str(HERE))
 from make_model import SPECIALS, VOCAB  # noqa: E402
 import sides  # noqa: E402
 
-T4_FRACTION = 15 / 139  # of an H200's memory (older scripts); sides.cap_memory derives it from the GPU
 SUCCESSORS = 4
 
 def chat_lengths(n: int, seed: int = 0, longest: int = 512) -> list[int]:

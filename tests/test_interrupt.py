@@ -92,3 +92,26 @@ def test_a_killed_trial_driver_is_retried_from_its_checkpoint(tiny_spec_file):
     assert [r["step"] for r in _rows(trial / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     status = json.loads((trial / "status.json").read_text())
     assert status["status"] == "finished", status
+
+
+def test_a_trial_stopped_by_ctrl_c_stays_stopped_whatever_its_dying_driver_reports(tiny_spec_file):
+    """The driver stamps a running trial stopped when Tune returns after a Ctrl-C; the trial's own
+    process, going down afterwards, must not turn that into a failure (nor a clean finish into a
+    stop). No Ray: the records only."""
+    from qlora_ray.plan import expand
+    from qlora_ray.records import TrialResult
+    from qlora_ray.runtime import experiment
+    from qlora_ray.spec import load_spec
+    from qlora_ray.storage import Storage
+
+    trial = expand(load_spec(tiny_spec_file))[0]
+    storage = Storage(str(tiny_spec_file.parent / "exp"))
+    run = experiment.mark_running(storage, trial)
+    experiment.mark_stopped(storage, [trial.id], interrupted=True, failed_since=experiment.now())
+    status = experiment.mark_ended(storage, run, TrialResult(), "RayActorError: its placement group was removed")
+    assert (status.status.value, status.reason) == ("stopped", "interrupted (Ctrl-C)")
+    assert not experiment.is_finished(storage, trial.id)  # a re-submit resumes it
+
+    run = experiment.mark_running(storage, trial)
+    experiment.mark_stopped(storage, [trial.id], interrupted=True, failed_since=experiment.now())
+    assert experiment.mark_ended(storage, run, TrialResult(), None).status.value == "finished"

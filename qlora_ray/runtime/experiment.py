@@ -152,12 +152,15 @@ def mark_running(storage: Storage, trial: Trial) -> TrialRun:
 def mark_ended(storage: Storage, run: TrialRun, result: Optional[TrialResult], error: Optional[str]) -> TrialStatus:
     """Stamp a run's end: finished, or failed with ``error``; wall time summed over submits (an
     earlier one may have been cut short) and the split of this run's time outside ``fit``. A trial
-    the scheduler pruned meanwhile stays pruned."""
+    the scheduler pruned meanwhile stays pruned; one the driver stopped meanwhile stays stopped
+    unless it finished."""
     ended, started, status = time.time(), run.started, run.status
     current = trial_status(storage, status.trial_id)
-    if current is not None and current.status == TrialState.PRUNED:
-        # The scheduler stopped it: its process is going down, and whatever its trial function
-        # saw on the way (its TorchTrainer's controller gone) is not the trial's outcome.
+    if current is not None and (current.status == TrialState.PRUNED
+                                or (error and current.status == TrialState.STOPPED)):
+        # The scheduler pruned it, or the driver stopped it (Ctrl-C) while it ran: its process is
+        # going down, and whatever its trial function saw on the way (its TorchTrainer's
+        # controller gone) is not the trial's outcome.
         return current
     status.trial_wall_s = round(ended - started + run.prior_wall_s, 2)
     timing = result.timing if result else None
@@ -192,8 +195,10 @@ def mark_failed(storage: Storage, trial_id: str, reason: str) -> TrialStatus:
 
 
 # A terminal's Ctrl-C reaches the trial's Ray processes too, which can tear its TorchTrainer down
-# (and stamp the trial failed) a few seconds before Tune's driver logs that it is stopping.
-INTERRUPT_SLACK_S = 30.0
+# and stamp the trial failed. The driver notes the moment in its SIGINT handler, which Python runs
+# only when the driver's main thread next runs bytecode (a busy machine delays it): a failure
+# stamped up to this long before the noted moment (records keep whole seconds) was the Ctrl-C's.
+INTERRUPT_SLACK_S = 10.0
 
 
 def _seconds_before(stamp: Optional[str], reference: str) -> float:

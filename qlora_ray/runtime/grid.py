@@ -39,6 +39,7 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
                         on_complete=functools.partial(experiment.trial_status, Storage(sweep.exp)))
     storage = Storage(sweep.exp)
     scheduler = build_scheduler(spec, sweep.exp)
+    interrupt = ray_compat.InterruptWatch()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), trial_resources(spec.resources)),
         param_space={"trial_id": tune.grid_search([t.id for t in todo])},
@@ -51,23 +52,21 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
             trial_name_creator=lambda t: t.config["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0, callbacks=[progress, *callbacks],
+            name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0,
+            callbacks=[progress, interrupt, *callbacks],
             # Runner train: Ray Train restarts a dead worker, and the trial function ends normally
             # whatever the worker did, so a Tune retry happens only when the trial's driver itself
             # died (killed, its node lost): it resumes from the trial's checkpoint like a worker.
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
-    interrupted, since = True, None
-    with ray_compat.watch_stop_signal() as stop:
-        try:
-            with ray_compat.quiet_trial_loggers(), ray_compat.env_defaults(ray_compat.REPORTER_ENV), progress:
-                tuner.fit()
-            interrupted, since = stop.seen, stop.at
-        except BaseException:  # a second Ctrl-C (KeyboardInterrupt), or Tune itself failing
-            since = stop.at or now()
-            raise
-        finally:
-            # A trial cut off by Ctrl-C may have stamped itself failed (its TorchTrainer torn down
-            # under it): interrupted, it is stopped, and the next submit resumes it.
-            experiment.mark_stopped(storage, [t.id for t in todo], interrupted, failed_since=since)
+    interrupted = True
+    try:
+        with ray_compat.quiet_trial_loggers(), ray_compat.env_defaults(ray_compat.REPORTER_ENV), progress:
+            tuner.fit()
+        interrupted = interrupt.seen
+    finally:  # also after a second Ctrl-C (KeyboardInterrupt), or Tune itself failing
+        # A trial cut off by Ctrl-C may have stamped itself failed (its TorchTrainer torn down
+        # under it): interrupted, it is stopped, and the next submit resumes it.
+        experiment.mark_stopped(storage, [t.id for t in todo], interrupted,
+                                failed_since=interrupt.at or now())

@@ -9,8 +9,9 @@
 - the ``node:__internal_head__`` resource (the head node; named in ``qlora_ray.cluster``);
 - Tune's ``Trial.error_file`` / ``Trial.get_error()``;
 - ``RayTaskError.cause``;
-- Tune's warning "Stop signal received" (``ray.tune.tune``), the one sign of a Ctrl-C that Tune
-  handled itself (its handler replaces ours and ``Tuner.fit`` returns normally).
+- that ``tune.run`` installs its SIGINT handler before it calls the callbacks' ``setup`` (so a
+  callback can chain its own in front of it) and that the handler does not raise (``Tuner.fit``
+  returns normally after a Ctrl-C).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
+
+from ray.tune import Callback
 
 RAY_VERSION = "2.60"
 
@@ -107,35 +112,33 @@ def task_error_cause(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
-_TUNE_RUN_LOGGER = "ray.tune.tune"
-_STOP_SIGNAL_TEXT = "Stop signal received"
+class InterruptWatch(Callback):
+    """A Tune callback that notes when the driver takes a Ctrl-C (SIGINT): ``.at`` is then the
+    moment (``records.now()`` format), taken in the signal handler itself, before Tune or the
+    trials' own processes (which a terminal's Ctrl-C reaches at the same moment) act on it."""
 
-
-class _StopSignalSeen(logging.Filter):
     def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-        self.at: Optional[str] = None  # when (records.now() format)
+        self.at: Optional[str] = None
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith(_STOP_SIGNAL_TEXT) and not self.seen:
-            from qlora_ray.records import now
+    @property
+    def seen(self) -> bool:
+        return self.at is not None
 
-            self.seen, self.at = True, now()
-        return False  # quiet, as quiet_trial_loggers keeps the rest of Tune
+    def setup(self, **info: Any) -> None:
+        # Tune installed its handler just before this; ours runs first, then hands over to it.
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread; Tune installs none there either
+        tune_handler = signal.getsignal(signal.SIGINT)
 
+        def note_interrupt(signum: int, frame: Any) -> None:
+            if self.at is None:
+                from qlora_ray.records import now
 
-@contextlib.contextmanager
-def watch_stop_signal() -> Iterator[_StopSignalSeen]:
-    """For the block: ``.seen`` turns True when Tune takes a Ctrl-C (SIGINT) to end the run."""
-    logger = logging.getLogger(_TUNE_RUN_LOGGER)
-    seen = _StopSignalSeen()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # the warning must reach the filter under quiet_trial_loggers
-    logger.addFilter(seen)
-    try:
-        yield seen
-    finally:
-        logger.removeFilter(seen)
-        logger.setLevel(level)
+                self.at = now()
+            if callable(tune_handler):
+                tune_handler(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, note_interrupt)
 
