@@ -5,7 +5,7 @@ as one :class:`SpecError`)."""
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Any, List
+from typing import Any, Iterator, List, Sequence
 
 from omegaconf.errors import OmegaConfBaseException
 
@@ -64,6 +64,12 @@ def nested(cls: type, help: str) -> Any:
 
 
 Problem = tuple  # (key path, message)
+
+
+def one_of(key: str, value: Any, allowed: Sequence[str], shown: Any = None) -> Iterator[Problem]:
+    """The problem when ``value`` is not one of ``allowed`` (``shown``: the value as written, if it differs)."""
+    if value not in allowed:
+        yield key, f"'{value if shown is None else shown}' is not one of {', '.join(allowed)}"
 
 
 class SpecError(UserError):

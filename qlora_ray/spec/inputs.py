@@ -7,7 +7,7 @@ from typing import Iterator, List, Optional
 
 from omegaconf import MISSING
 
-from qlora_ray.spec.fields import DATA_FORMATS, DTYPES, QUANT_MODES, Problem, setting
+from qlora_ray.spec.fields import DATA_FORMATS, DTYPES, QUANT_MODES, Problem, one_of, setting
 
 
 @dataclass
@@ -40,8 +40,7 @@ class DataSpec:
     max_test_examples: Optional[int] = setting(None, "Use at most this many test examples.")
 
     def problems(self) -> Iterator[Problem]:
-        if self.format not in DATA_FORMATS:
-            yield "format", f"'{self.format}' is not one of {', '.join(DATA_FORMATS)}"
+        yield from one_of("format", self.format, DATA_FORMATS)
         if self.max_seq_len < 16:
             yield "max_seq_len", f"must be >= 16, got {self.max_seq_len}"
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -59,10 +58,8 @@ class QuantizationSpec:
     compute_dtype: str = setting("auto", "auto (bf16 on sm>=80, fp16 on older GPUs such as T4, fp32 on CPU), bf16, fp16, fp32.")
 
     def problems(self) -> Iterator[Problem]:
-        if self.mode not in QUANT_MODES:
-            yield "mode", f"'{self.mode}' is not one of {', '.join(QUANT_MODES)}"
-        if self.compute_dtype not in DTYPES:
-            yield "compute_dtype", f"'{self.compute_dtype}' is not one of {', '.join(DTYPES)}"
+        yield from one_of("mode", self.mode, QUANT_MODES)
+        yield from one_of("compute_dtype", self.compute_dtype, DTYPES)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from qlora_ray.spec.fields import (MAX_SEEDS, RUNNERS, SEARCH_METHODS, SEARCH_SCHEDULERS, SEED_MAX,
-                                   SELECT_METRICS, WANDB_MODES, Problem, nested, setting)
+                                   SELECT_METRICS, WANDB_MODES, Problem, nested, one_of, setting)
 
 
 @dataclass
@@ -37,8 +37,7 @@ class ResourcesSpec:
                 parse_duration(self.time_budget)
             except ValueError as e:
                 yield "time_budget", str(e)
-        if self.runner not in RUNNERS:
-            yield "runner", f"'{self.runner}' is not one of {', '.join(RUNNERS)}"
+        yield from one_of("runner", self.runner, RUNNERS)
         if self.gpus_per_trial < 0:
             yield "gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}"
         if self.cpus_per_trial <= 0:
@@ -72,14 +71,12 @@ class SearchSpec:
                             "leaderboard shows mean and spread per configuration.")
 
     def problems(self) -> Iterator[Problem]:
-        if self.scheduler not in SEARCH_SCHEDULERS:
-            yield "scheduler", f"'{self.scheduler}' is not one of {', '.join(SEARCH_SCHEDULERS)}"
+        yield from one_of("scheduler", self.scheduler, SEARCH_SCHEDULERS)
         if self.grace_period is not None and self.grace_period < 1:
             yield "grace_period", f"must be >= 1 when set, got {self.grace_period}"
         if not 1.0 < self.reduction_factor <= 100:
             yield "reduction_factor", f"must be in (1, 100], got {self.reduction_factor}"
-        if self.method not in SEARCH_METHODS:
-            yield "method", f"'{self.method}' is not one of {', '.join(SEARCH_METHODS)}"
+        yield from one_of("method", self.method, SEARCH_METHODS)
         if self.num_samples < 1:
             yield "num_samples", f"must be >= 1, got {self.num_samples}"
         if not 0 <= self.seed <= SEED_MAX:
@@ -95,8 +92,7 @@ class ResultsSpec:
                                                           "than this fraction (0.10 = 10%); needs eval.control.")
 
     def problems(self) -> Iterator[Problem]:
-        if self.select not in SELECT_METRICS:
-            yield "select", f"'{self.select}' is not one of {', '.join(SELECT_METRICS)}"
+        yield from one_of("select", self.select, SELECT_METRICS)
         if self.max_control_increase is not None and self.max_control_increase < 0:
             yield "max_control_increase", f"must be >= 0 when set, got {self.max_control_increase}"
 
@@ -125,8 +121,7 @@ class TrackingSpec:
     wandb: WandbSpec = nested(WandbSpec, "Weights & Biases: one run per trial.")
 
     def problems(self) -> Iterator[Problem]:
-        if self.wandb.mode not in WANDB_MODES:
-            yield "wandb.mode", f"'{self.wandb.mode}' is not one of {', '.join(WANDB_MODES)}"
+        yield from one_of("wandb.mode", self.wandb.mode, WANDB_MODES)
         if self.mlflow.experiment is not None and self.mlflow.tracking_uri is None:
             yield "mlflow.tracking_uri", "is required when mlflow.experiment is set (e.g. file:./mlruns)"
         wanted = [("tensorboard", self.tensorboard, "tensorboardX", "tensorboard"),

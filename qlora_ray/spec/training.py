@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from qlora_ray.spec.fields import CHECKPOINTING, EVAL_KEEP, OPTIMIZERS, SCHEDULERS, SEED_MAX, Problem, setting
+from qlora_ray.spec.fields import CHECKPOINTING, EVAL_KEEP, OPTIMIZERS, SCHEDULERS, SEED_MAX, Problem, one_of, setting
 
 
 @dataclass
@@ -53,18 +53,14 @@ class TrainSpec:
             yield "max_steps", f"must be >= 1 when set, got {self.max_steps}"
         if not 0.0 <= self.warmup_ratio < 1.0:
             yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
-        if self.checkpointing not in CHECKPOINTING:
-            yield "gradient_checkpointing", f"'{self.gradient_checkpointing}' is not one of {', '.join(CHECKPOINTING)}"
-        if self.scheduler not in SCHEDULERS:
-            yield "scheduler", f"'{self.scheduler}' is not one of {', '.join(SCHEDULERS)}"
-        if self.optimizer not in OPTIMIZERS:
-            yield "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}"
+        yield from one_of("gradient_checkpointing", self.checkpointing, CHECKPOINTING, shown=self.gradient_checkpointing)
+        yield from one_of("scheduler", self.scheduler, SCHEDULERS)
+        yield from one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.weight_decay < 0:
             yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
         if self.max_grad_norm < 0:
             yield "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"
-        if self.fused_mode not in CHECKPOINTING:
-            yield "fused", f"'{self.fused}' is not one of {', '.join(CHECKPOINTING)}"
+        yield from one_of("fused", self.fused_mode, CHECKPOINTING, shown=self.fused)
 
 
 @dataclass
@@ -104,9 +100,8 @@ class EvalSpec:
             value = getattr(self, key)
             if value is not None and value < 1:
                 yield key, f"must be >= 1 when set, got {value}"
-        if self.keep not in EVAL_KEEP:
-            yield "keep", f"'{self.keep}' is not one of {', '.join(EVAL_KEEP)}"
-        elif self.keep == "best" and self.every_steps is None:
+        yield from one_of("keep", self.keep, EVAL_KEEP)
+        if self.keep == "best" and self.every_steps is None:
             yield "keep", "best picks among the periodic evals, but eval.every_steps is not set; set it or use keep: last"
         if self.every_steps is not None and not self.perplexity:
             yield "every_steps", "needs eval.perplexity: true (periodic evals measure perplexity)"
