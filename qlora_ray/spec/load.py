@@ -157,7 +157,7 @@ def build_spec(raw: Dict[str, Any], origin: Dict[str, Path], path: Path,
     if not problems:
         spec.sweep = typed_sweep
         # The trial ids are part of what makes a spec runnable: unique, and short enough to
-        # name folders. Imported here because the plan is built on this module.
+        # name folders. Imported here because the plan is built on this package.
         from qlora_ray.plan import plan_problems
         problems.extend(plan_problems(spec))
     if problems:
