@@ -1,7 +1,8 @@
 """The import rules between layers, checked by parsing every module (no imports executed):
 
 - spec, plan, records, layout, results and storage import neither torch nor ray, not even
-  through another qlora_ray module (results read from a URI without Ray);
+  through another qlora_ray module (results read from a URI without Ray); each module of the
+  spec and results packages is checked on its own;
 - only the runtime package imports ``ray.tune`` or ``ray.train``; only it and ``cluster``
   (Ray Core checks) import ray at all, and its pure parts (capacity, experiment, faults) do not;
 - only the training side (train, loss, evaluate, model, data) and ``cluster``'s on-node probe
@@ -79,8 +80,9 @@ def _in(name: str, packages) -> bool:
     return any(name == p or name.startswith(p + ".") for p in packages)
 
 
-PURE = ["qlora_ray.spec", "qlora_ray.plan", "qlora_ray.records", "qlora_ray.layout", "qlora_ray.results",
-        "qlora_ray.storage"]
+PURE_PACKAGES = ["qlora_ray.spec", "qlora_ray.results"]
+PURE = [*PURE_PACKAGES, "qlora_ray.plan", "qlora_ray.records", "qlora_ray.layout", "qlora_ray.storage",
+        *sorted(n for n in MODULES if any(n.startswith(p + ".") for p in PURE_PACKAGES))]
 TRAINING_SIDE = ["qlora_ray.train", "qlora_ray.loss", "qlora_ray.evaluate", "qlora_ray.data", "qlora_ray.model"]
 MAY_IMPORT_RAY = ["qlora_ray.runtime", "qlora_ray.cluster"]
 # What works on a trained adapter (eval, merge, export) and the base-figure cache's key: torch, never Ray.
@@ -93,7 +95,7 @@ RUNTIME_PURE = ["qlora_ray.runtime.capacity", "qlora_ray.runtime.experiment", "q
 
 def test_modules_found():
     assert {*PURE, "qlora_ray.runtime", "qlora_ray.runtime.trial", "qlora_ray.train", "qlora_ray.train.loop",
-            "qlora_ray.loss"} <= set(MODULES)
+            "qlora_ray.loss", "qlora_ray.spec.load", "qlora_ray.results.read"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", _present(PURE))

@@ -428,7 +428,7 @@ def test_smoke_job_sweep_through_local_ray(smollm2_gguf, tmp_path):
     """``qlora-ray submit jobs/hinglish_smoke.yaml`` (offline SmolLM2, NF4 on the CPU), two ranks,
     shortened so it takes minutes; prints wall time, the leaderboard and Ray's overhead per trial."""
     root = Path(__file__).resolve().parents[1]
-    # The shipped job, writing into tmp_path. (A wrapper spec, because spec.py refuses an absolute
+    # The shipped job, writing into tmp_path. (A wrapper spec, because the spec loader refuses an absolute
     # output.dir override outside the project when the file declares a relative one.)
     spec = tmp_path / "smoke.yaml"
     spec.write_text(f"base: {root / 'jobs' / 'hinglish_smoke.yaml'}\noutput: {{dir: {tmp_path}/runs}}\n")

@@ -12,16 +12,13 @@ from typing import Optional
 import typer
 
 from qlora_ray.cli.app import app, console, err_console, user_errors
-from qlora_ray.cli.train_cmds import _quiet_libraries, _say_base
-
-_TRUST_HELP = ("Let the base model's own Python code run (models with custom code). Off whatever the "
-               "adapter's spec says: only for a model you trust.")
+from qlora_ray.cli.loading import TRUST_HELP, quiet_libraries, say_base
 
 
 def _quiet() -> None:
     import transformers
 
-    _quiet_libraries()
+    quiet_libraries()
     transformers.utils.logging.set_verbosity_error()
     for category in (FutureWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module="gguf")
@@ -46,7 +43,7 @@ def export(
     converter_sdist: Optional[Path] = typer.Option(None, "--converter-sdist", help="A local llama_cpp_python-"
                                                    "0.3.16.tar.gz to take llama.cpp's converter from, instead of "
                                                    "downloading it (first use only; its hash is checked)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Export an adapter as GGUF for llama.cpp and Ollama, kept only if its perplexity holds.
 
@@ -78,7 +75,7 @@ def export(
                             max_examples=max_examples, converter_sdist=converter_sdist,
                             trust_remote_code=trust_remote_code)
     check_options(options, out)
-    _say_base(target, trust_remote_code)
+    say_base(target, trust_remote_code)
     try:
         with err_console.status("exporting...") as status:
             check = export_gguf(target, out, options, say=lambda text: status.update(text))
@@ -115,7 +112,7 @@ def push(
                                         "(from `qlora-ray export`) instead."),
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the model card; upload nothing."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Upload a tuned model to the Hugging Face Hub with a model card carrying its leaderboard row.
 
@@ -128,7 +125,7 @@ def push(
     """
     from qlora_ray.hub import plan_upload, upload
 
-    _say_base(target, trust_remote_code)
+    say_base(target, trust_remote_code)
     plan = plan_upload(target, repo_id, adapter=adapter, merged=merged, gguf=gguf, trust_remote_code=trust_remote_code)
     console.print(f"{'would upload' if dry_run else 'uploading'} to {plan.repo_id} ({plan.kind}):", highlight=False)
     for path, size in plan.listing():

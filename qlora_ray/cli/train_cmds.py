@@ -15,24 +15,13 @@ import typer
 from rich.table import Table
 
 from qlora_ray.cli.app import app, console, err_console, user_errors
+from qlora_ray.cli.loading import TRUST_HELP, quiet_libraries, say_base
 from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray import layout
 from qlora_ray.errors import UserError
 from qlora_ray.files import move_aside
 from qlora_ray.lock import experiment_lock
 from qlora_ray.spec import URI_SCHEMES, load_spec
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bar and messages only: no per-file loading bars or deprecation notes."""
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    for module in ("transformers", "peft", "bitsandbytes", "torch"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
 @app.command()
@@ -76,7 +65,7 @@ def train(
 
     from qlora_ray.model import resolve_source
 
-    _quiet_libraries()
+    quiet_libraries()
     with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
         resolve_source(spec.model, spec.data.cache_dir)
     with experiment_lock(spec.experiment_dir, f"qlora-ray train {specs[0]}"):
@@ -202,19 +191,6 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def _say_base(target: Path, trust_remote_code: bool) -> Path:
-    """Name the base model (and revision) about to be loaded for the adapter at ``target``; its folder.
-    Refuses (exit 2) an adapter whose spec asks for remote code without --trust-remote-code."""
-    from qlora_ray.model import adapter_spec, base_model_label, find_adapter
-
-    adapter_dir = find_adapter(target)
-    spec = adapter_spec(adapter_dir, trust_remote_code)
-    err_console.print(f"adapter {adapter_dir} on base model {base_model_label(spec)}"
-                      + (" (its own code allowed: --trust-remote-code)" if trust_remote_code else ""),
-                      highlight=False, markup=False, soft_wrap=True)
-    return adapter_dir
-
-
 # ---------------------------------------------------------------- eval
 
 @app.command("eval")
@@ -230,9 +206,7 @@ def eval_(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples (default: as trained)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
-                                           "Python code run (models with custom code). Off whatever the "
-                                           "adapter's spec says: only for a model you trust."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Perplexity of an adapter and of its base model on the same target tokens of any datasets.
@@ -245,8 +219,8 @@ def eval_(
     """
     from qlora_ray.adapters import eval_data, evaluate_adapter_on
 
-    _quiet_libraries()
-    _say_base(target, trust_remote_code)
+    quiet_libraries()
+    say_base(target, trust_remote_code)
     results = evaluate_adapter_on(
         target, [(lambda spec, f=f: eval_data(spec, f, fmt, max_examples, max_seq_len)) for f in data_files],
         batch_size, status=err_console.status, bar=None if quiet or as_json else _token_bar,
@@ -283,9 +257,7 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens (decoded with "
                                        "the eval.* settings the adapter was trained with)."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model (adapter switched off)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
-                                           "Python code run (models with custom code). Off whatever the "
-                                           "adapter's spec says: only for a model you trust."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Talk to a tuned model: a REPL (/reset clears the history, /quit or Ctrl-D leaves), or --prompt once.
 
@@ -298,8 +270,8 @@ def chat(
     from qlora_ray.evaluate import chat_reply
     from qlora_ray.model import load_adapter
 
-    _quiet_libraries()
-    adapter_dir = _say_base(target, trust_remote_code)
+    quiet_libraries()
+    adapter_dir = say_base(target, trust_remote_code)
     with err_console.status("loading the adapter and its base model..."):
         model, tokenizer, dtype, spec = load_adapter(adapter_dir, trust_remote_code=trust_remote_code)
     decoding = dataclasses.replace(spec.eval, max_new_tokens=max_new_tokens)
@@ -346,9 +318,7 @@ def merge(
     data_file: Optional[str] = typer.Option(None, "--data", help="Data for the drift check "
                                             "(default: the adapter's eval set)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Check on at most this many examples."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the base model's own "
-                                           "Python code run (models with custom code). Off whatever the "
-                                           "adapter's spec says: only for a model you trust."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Merge an adapter into its 16-bit base model and save it, if its perplexity holds.
 
@@ -361,8 +331,8 @@ def merge(
     """
     from qlora_ray.adapters import MergeOptions, merge_adapter
 
-    _quiet_libraries()
-    _say_base(target, trust_remote_code)
+    quiet_libraries()
+    say_base(target, trust_remote_code)
     options = MergeOptions(dtype=dtype, tolerance=tolerance, data_file=data_file, max_examples=max_examples,
                            trust_remote_code=trust_remote_code)
     merge_adapter(target, out, options, status=err_console.status,
