@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,11 @@ R = TypeVar("R", bound="Record")
 
 class SchemaError(ValueError):
     """A record that cannot be read: not a JSON object, or written by a newer qlora-ray."""
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): a figure that can be ranked, plotted and formatted."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def now() -> str:

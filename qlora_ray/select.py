@@ -8,9 +8,10 @@ Python, no torch or Ray.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from qlora_ray.records import is_number
 
 METRICS = ("eval_ppl", "ppl_change", "control_ppl")
 
@@ -37,20 +38,16 @@ class Selection:
         return text
 
 
-def _num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def passed_over(row: Any, selection: Selection) -> Optional[str]:
     """Why a finished ``row`` cannot be best under ``selection`` (None when it can)."""
     value = getattr(row, selection.metric, None)
-    if not _num(value):
+    if not is_number(value):
         return f"no {selection.metric}"
     limit = selection.max_control_increase
     if limit is None:
         return None
     change = getattr(row, "control_change", None)
-    if not _num(change):
+    if not is_number(change):
         return "no control figures to check forgetting against"
     if change > limit:
         return (f"control perplexity rose {change:+.1%} (limit +{limit:.0%}): "

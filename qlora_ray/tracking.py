@@ -15,7 +15,6 @@ No Ray here, and each tracker's package is imported only when a spec asks for it
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import yaml
 
 from qlora_ray import layout
-from qlora_ray.records import FinalMetrics, StepMetrics
+from qlora_ray.records import FinalMetrics, StepMetrics, is_number
 from qlora_ray.spec import JobSpec, TrackingSpec, to_yaml
 
 log = logging.getLogger(__name__)
@@ -61,16 +60,12 @@ def flat_params(spec: JobSpec) -> Dict[str, str]:
 def step_figures(metrics: Dict[str, Any]) -> Dict[str, float]:
     """The numbers of a reported step worth a chart (finite, known or ``eval_*`` keys)."""
     return {k: float(v) for k, v in metrics.items()
-            if (k in STEP_KEYS or k.startswith("eval_")) and _finite(v)}
+            if (k in STEP_KEYS or k.startswith("eval_")) and is_number(v)}
 
 
 def final_figures(final: FinalMetrics) -> Dict[str, float]:
     """A finished trial's figures, as ``final.<name>`` metrics."""
-    return {f"final.{k}": float(getattr(final, k)) for k in FINAL_KEYS if _finite(getattr(final, k))}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return {f"final.{k}": float(getattr(final, k)) for k in FINAL_KEYS if is_number(getattr(final, k))}
 
 
 # ---------------------------------------------------------------- the trackers

@@ -3,12 +3,11 @@ them and picks the best, and the trial states a row's ``status`` holds."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from qlora_ray import records
-from qlora_ray.records import TrialState
+from qlora_ray.records import TrialState, is_number
 from qlora_ray.select import Selection, choose
 
 # Trial states (``records.TrialState`` values), for readers comparing with a row's ``status``.
@@ -103,6 +102,3 @@ class Leaderboard:
         return out
 
 
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool): a figure that can be ranked, plotted and formatted."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
