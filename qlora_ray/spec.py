@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -36,6 +37,9 @@ OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
 # GPUs without bf16 support (compute capability < 8.0) that people rent for QLoRA.
 NO_BF16_ACCELERATORS = ("T4", "V100", "P100", "K80", "P4")
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "file://")
+HUB_SCHEME = "hf://"
+# output.dir on the Hub: a dataset repo or a bucket, then an optional folder (no @revision: writes go to main).
+HUB_OUTPUT = re.compile(r"hf://(datasets|buckets)/[\w.-]+/[\w.-]+(/[^@]*)?")
 # A name and a trial id each name a folder (at most 255 bytes on common file systems) that
 # can gain a suffix such as ".old-<time>"; this leaves room for it.
 MAX_NAME_BYTES = 200
@@ -414,7 +418,9 @@ class TrackingSpec:
 
 @dataclass
 class OutputSpec:
-    dir: str = _f("runs", "Where experiments are written: a path (relative to the spec) or a storage URI (s3://, gs://).")
+    dir: str = _f("runs", "Where experiments are written: a path (relative to the spec), a storage URI (s3://, "
+                          "gs://), or a Hugging Face Hub folder (hf://datasets/<user>/<repo>[/sub] or "
+                          "hf://buckets/<user>/<bucket>[/sub]) mirrored from a local staging folder.")
 
 
 @dataclass
@@ -685,8 +691,8 @@ def _anchor_paths(raw: Dict[str, Any], anchor: Path) -> Dict[str, Any]:
 
 def _anchor_path(key: str, value: Any, anchor: Path) -> Any:
     """``value`` made absolute against ``anchor`` when it is a local path (else unchanged)."""
-    if not isinstance(value, str) or not value or _is_uri(value) or "${" in value:
-        return value
+    if not isinstance(value, str) or not value or _is_uri(value) or "://" in value or "${" in value:
+        return value  # a URI of an unknown scheme stays as typed, so validation can name it
     if key == "data.cache_dir" or value.startswith("~"):
         value = os.path.expanduser(value)
     if key == "data.cache_dir" and not os.path.isabs(value):
@@ -877,12 +883,25 @@ def _file_problems(spec: JobSpec, path: Path, declared: Optional[str]) -> Iterat
     if (name.startswith(("/", ".")) or name.endswith(".gguf")) and not Path(name).exists():
         yield "model.name", f"local model '{name}' not found"
     out = spec.output.dir
-    if not _is_uri(out):
+    if out.startswith(HUB_SCHEME):
+        yield from hub_output_problems(out)
+    elif "://" in out and not _is_uri(out):
+        yield "output.dir", (f"'{show(out)}': unknown storage scheme '{out.split('://')[0]}://'; use a path, "
+                             f"hf://datasets/<user>/<repo>, or one of {', '.join(URI_SCHEMES)}")
+    elif not _is_uri(out):
         root = project_root(path.resolve().parent)
         if declared is not None and not Path(declared).is_absolute() and not Path(out).resolve().is_relative_to(root):
             yield "output.dir", f"'{declared}' climbs out of the project ({root}); use a path inside it, an absolute path or a storage URI"
         else:
             yield from _writable_folder_problems(Path(out))
+
+
+def hub_output_problems(out: str) -> Iterator[Problem]:
+    """An ``hf://`` output.dir must name a dataset repo or a bucket (a folder inside is allowed)."""
+    if not HUB_OUTPUT.fullmatch(out.rstrip("/")):
+        yield "output.dir", (f"'{show(out)}' is not a Hub folder qlora-ray can write; use "
+                             "hf://datasets/<user>/<repo>[/folder] (a dataset repo) or "
+                             "hf://buckets/<user>/<bucket>[/folder]")
 
 
 def _writable_folder_problems(out: Path) -> Iterator[Problem]:
