@@ -1,0 +1,127 @@
+"""``output.dir`` on the Hugging Face Hub (``hf://datasets/<user>/<repo>``): the run works in a
+local staging folder mirrored to the Hub, and the next session resumes from the Hub's copy.
+
+The Hub cannot be reached from the machines these tests run on, so a local folder stands in for
+it: an fsspec filesystem registered under the ``hf`` protocol (``FakeHub``, a ``DirFileSystem``
+over a temp folder) takes the place of huggingface_hub's ``HfFileSystem``. Everything else is
+real: the CLI, the tiny model's QLoRA training, its checkpoints and the resume. The one test
+that uses the real ``HfFileSystem`` needs no network (a missing token is found before any call).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from typer.testing import CliRunner
+
+from conftest import write_tiny_spec
+from qlora_ray import layout
+from qlora_ray.cli import app
+from qlora_ray.spec import SpecError, load_spec
+
+HUB_DIR = "hf://datasets/me/runs/sweeps"
+
+
+class FakeHub(DirFileSystem):
+    """The Hub as a local folder: ``hf://datasets/me/runs/x`` is ``<root>/datasets/me/runs/x``."""
+
+    protocol = "hf"
+    cachable = False
+    root: Path = Path("/nonexistent")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(path=str(FakeHub.root), fs=LocalFileSystem(auto_mkdir=True))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The stand-in Hub (its folder), the dataset repo ``me/runs`` created, and a fresh staging root."""
+    FakeHub.root = tmp_path / "hub"
+    (FakeHub.root / "datasets/me/runs").mkdir(parents=True)
+    fsspec.register_implementation("hf", FakeHub, clobber=True)
+    monkeypatch.setattr(layout, "HUB_STAGING", tmp_path / "staging-1")
+    yield FakeHub.root
+    fsspec.register_implementation("hf", "huggingface_hub.HfFileSystem", clobber=True)
+
+
+def _train(spec: Path, *overrides: str):
+    return CliRunner().invoke(app, ["train", str(spec), f"output.dir={HUB_DIR}", *overrides, "--quiet"])
+
+
+def _steps(metrics: Path) -> list:
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def test_spec_accepts_a_hub_folder_and_refuses_other_schemes(tmp_path, tiny_model_dir, tiny_data_dir):
+    spec_file = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)
+    assert load_spec(spec_file, [f"output.dir={HUB_DIR}"]).experiment_dir == f"{HUB_DIR}/tiny"
+    assert load_spec(spec_file, ["output.dir=hf://buckets/me/b"]).output.dir == "hf://buckets/me/b"
+    for bad, words in (("hf://me/a-model", "hf://datasets/<user>/<repo>"),
+                       ("ftp://host/runs", "unknown storage scheme 'ftp://'")):
+        with pytest.raises(SpecError) as e:
+            load_spec(spec_file, [f"output.dir={bad}"])
+        assert "output.dir" in str(e.value) and words in str(e.value)
+
+
+def test_a_missing_token_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """The real HfFileSystem: without a token, validate stops before any network call."""
+    from huggingface_hub import constants
+
+    fsspec.register_implementation("hf", "huggingface_hub.HfFileSystem", clobber=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    spec_file = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)
+    for command in (["validate", str(spec_file), f"output.dir={HUB_DIR}", "-q"],
+                    ["train", str(spec_file), f"output.dir={HUB_DIR}", "--quiet"]):
+        out = CliRunner().invoke(app, command)
+        assert out.exit_code == 2, out.output
+        text = " ".join(out.output.split())
+        assert "output.dir" in text and "HF_TOKEN" in text and "hf auth login" in text
+
+
+def test_a_repo_that_does_not_exist_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data_dir, hub):
+    spec_file = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)
+    for command in (["validate", str(spec_file), "output.dir=hf://datasets/me/nothing", "-q"],
+                    ["train", str(spec_file), "output.dir=hf://datasets/me/nothing", "--quiet"]):
+        out = CliRunner().invoke(app, command)
+        assert out.exit_code == 2, out.output
+        text = " ".join(out.output.split())
+        assert "output.dir" in text and "'me/nothing' does not exist" in text
+        assert "hf repos create me/nothing --repo-type dataset" in text
+    assert not (hub / "datasets/me/nothing").exists() and not layout.HUB_STAGING.exists()
+
+
+def test_train_writes_the_hub_and_a_fresh_session_resumes_from_it(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                  hub, monkeypatch):
+    spec_file = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir,
+                                train="{max_steps: 2, checkpoint_every: 1, batch_size: 4, gradient_checkpointing: false}")
+    first = _train(spec_file)
+    assert first.exit_code == 0, first.output
+    remote = hub / "datasets/me/runs/sweeps/tiny"
+    trial = next(p for p in remote.iterdir() if p.is_dir())
+    assert (trial / layout.ADAPTER_DIR / layout.ADAPTER_WEIGHTS).is_file()
+    assert (trial / layout.RESULT_FILE).is_file()
+    assert (trial / layout.CHECKPOINTS_DIR / "step_2" / layout.MANIFEST_FILE).is_file()
+    assert _steps(trial / layout.METRICS_FILE) == [1, 2]
+    assert not (tmp_path / "runs").exists()  # nothing written where a local output.dir would be
+
+    # The next session: another machine, an empty staging folder; only the Hub's copy is left.
+    monkeypatch.setattr(layout, "HUB_STAGING", tmp_path / "staging-2")
+    second = _train(spec_file, "train.max_steps=4")
+    assert second.exit_code == 0, second.output
+    text = " ".join(second.output.split())
+    assert "resuming from" in text and "step_2" in text
+    assert _steps(trial / layout.METRICS_FILE) == [1, 2, 3, 4]  # no step trained twice, none skipped
+    assert (trial / layout.CHECKPOINTS_DIR / "step_4" / layout.MANIFEST_FILE).is_file()
+    # The leaderboard of the Hub's experiment, read and written back through the Hub.
+    board = CliRunner().invoke(app, ["results", f"{HUB_DIR}/tiny", "--json"])
+    assert board.exit_code == 0, board.output
+    assert (remote / layout.leaderboard_file("md")).is_file()
+    assert trial.name in (remote / layout.leaderboard_file("md")).read_text()
