@@ -2,10 +2,11 @@
 local staging folder mirrored to the Hub, and the next session resumes from the Hub's copy.
 
 The Hub cannot be reached from the machines these tests run on, so a local folder stands in for
-it: an fsspec filesystem registered under the ``hf`` protocol (``FakeHub``, a ``DirFileSystem``
-over a temp folder) takes the place of huggingface_hub's ``HfFileSystem``. Everything else is
-real: the CLI, the tiny model's QLoRA training, its checkpoints and the resume. The one test
-that uses the real ``HfFileSystem`` needs no network (a missing token is found before any call).
+it: an fsspec filesystem registered under the ``hf`` protocol (``fake_hub.FakeHub``, a
+``DirFileSystem`` over a temp folder) takes the place of huggingface_hub's ``HfFileSystem``.
+Everything else is real: the CLI, the tiny model's QLoRA training, its checkpoints, a local Ray for
+``submit``, and the resume. The one test that uses the real ``HfFileSystem`` needs no network (a
+missing token is found before any call).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fsspec
+import os
+import subprocess
+import sys
+
 import pytest
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
 from typer.testing import CliRunner
 
+import fake_hub
 from conftest import write_tiny_spec
 from qlora_ray import layout
 from qlora_ray.cli import app
@@ -27,26 +30,15 @@ from qlora_ray.spec import SpecError, load_spec
 HUB_DIR = "hf://datasets/me/runs/sweeps"
 
 
-class FakeHub(DirFileSystem):
-    """The Hub as a local folder: ``hf://datasets/me/runs/x`` is ``<root>/datasets/me/runs/x``."""
-
-    protocol = "hf"
-    cachable = False
-    root: Path = Path("/nonexistent")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(path=str(FakeHub.root), fs=LocalFileSystem(auto_mkdir=True))
-
-
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """The stand-in Hub (its folder), the dataset repo ``me/runs`` created, and a fresh staging root."""
-    FakeHub.root = tmp_path / "hub"
-    (FakeHub.root / "datasets/me/runs").mkdir(parents=True)
-    fsspec.register_implementation("hf", FakeHub, clobber=True)
+    root = tmp_path / "hub"
+    (root / "datasets/me/runs").mkdir(parents=True)
+    fake_hub.install(root)
     monkeypatch.setattr(layout, "HUB_STAGING", tmp_path / "staging-1")
-    yield FakeHub.root
-    fsspec.register_implementation("hf", "huggingface_hub.HfFileSystem", clobber=True)
+    yield root
+    fake_hub.uninstall()
 
 
 def _train(spec: Path, *overrides: str):
@@ -72,7 +64,7 @@ def test_a_missing_token_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data_di
     """The real HfFileSystem: without a token, validate stops before any network call."""
     from huggingface_hub import constants
 
-    fsspec.register_implementation("hf", "huggingface_hub.HfFileSystem", clobber=True)
+    fake_hub.uninstall()
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
@@ -125,3 +117,38 @@ def test_train_writes_the_hub_and_a_fresh_session_resumes_from_it(tmp_path, tiny
     assert board.exit_code == 0, board.output
     assert (remote / layout.leaderboard_file("md")).is_file()
     assert trial.name in (remote / layout.leaderboard_file("md")).read_text()
+
+
+def _submit(hub: Path, staging: Path, spec: Path, *args: str) -> subprocess.CompletedProcess:
+    """``qlora-ray submit`` in a fresh process (its own local Ray) with the stand-in Hub installed."""
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("fake_hub.py")), str(hub), str(staging),
+                           str(spec), f"output.dir={HUB_DIR}", "--no-dashboard", *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=spec.parent)
+
+
+@pytest.mark.ray
+def test_a_sweep_out_of_time_resumes_from_the_hub_in_a_fresh_session(tmp_path, tiny_model_dir, tiny_data_dir, hub):
+    """Session 1 spends its time budget (1 s: each trial trains its one guaranteed step, checkpoints
+    and stops); session 2, on an empty staging folder, finishes from the Hub's copy."""
+    spec_file = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir,
+                                train="{max_steps: 3, batch_size: 4, log_every: 1, gradient_checkpointing: false}")
+    first = _submit(hub, tmp_path / "staging-1", spec_file, "resources.time_budget=1s")
+    assert first.returncode == 3, first.stdout + first.stderr[-4000:]
+    remote = hub / "datasets/me/runs/sweeps/tiny"
+    assert json.loads((remote / "leaderboard.json").read_text())["trials"][0]["status"] == "stopped"
+    assert _steps(remote / "tiny" / layout.METRICS_FILE) == [1]
+    assert (remote / "tiny" / layout.CHECKPOINTS_DIR / "step_1" / layout.MANIFEST_FILE).is_file()
+    assert not (remote / layout.RAY_DIR).exists()  # Ray's own state stays in the staging folder
+
+    again = _submit(hub, tmp_path / "staging-2", spec_file)
+    assert again.returncode == 0, again.stdout + again.stderr[-4000:]
+    board = json.loads((remote / "leaderboard.json").read_text())
+    assert [t["status"] for t in board["trials"]] == ["finished"]
+    assert _steps(remote / "tiny" / layout.METRICS_FILE) == [1, 2, 3]  # no step twice, none skipped
+    starts = [json.loads(line) for line in (remote / "tiny" / layout.EVENTS_FILE).read_text().splitlines()]
+    assert len(starts) == 2 and "staging-2" in starts[1]["resume_from"]
+    assert (remote / "tiny" / layout.ADAPTER_DIR / layout.ADAPTER_WEIGHTS).is_file()
+    assert (remote / layout.BEST_FILE).read_text().strip() == "tiny"
