@@ -80,7 +80,7 @@ def _in(name: str, packages) -> bool:
 
 
 PURE = ["qlora_ray.spec", "qlora_ray.plan", "qlora_ray.records", "qlora_ray.layout", "qlora_ray.results",
-        "qlora_ray.storage"]
+        "qlora_ray.storage", "qlora_ray.mirror"]
 TRAINING_SIDE = ["qlora_ray.train", "qlora_ray.loss", "qlora_ray.evaluate", "qlora_ray.data", "qlora_ray.model"]
 MAY_IMPORT_RAY = ["qlora_ray.runtime", "qlora_ray.cluster"]
 # What works on a trained adapter (eval, merge, export) and the base-figure cache's key: torch, never Ray.
