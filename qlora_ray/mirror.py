@@ -79,13 +79,29 @@ def hub_problem(output_dir: str) -> Optional[str]:
     create = (f"hf buckets create {owner}/{name}" if kind == "buckets"
               else f"hf repos create {owner}/{name} --repo-type dataset --private")
     try:
-        found = fs.exists(f"{kind}/{owner}/{name}")
+        found = _hub_exists(kind, f"{owner}/{name}") if _is_real_hub(fs) else fs.exists(f"{kind}/{owner}/{name}")
     except Exception as e:  # network, permission: say which, never the token
         return f"cannot reach the {what} '{owner}/{name}' on the Hub: {type(e).__name__}: {e}"
     if not found:
         return (f"the {what} '{owner}/{name}' does not exist on the Hub, or this token cannot see it; "
                 f"create it (`{create}`) or log in as its owner (`hf auth login`)")
     return None
+
+
+def _hub_exists(kind: str, repo_id: str) -> bool:
+    """Through the Hub's API, which tells a missing repo (False) from an unreachable Hub (raises);
+    ``HfFileSystem.exists`` answers False for both."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BucketNotFoundError
+
+    api = HfApi()
+    if kind != "buckets":
+        return api.repo_exists(repo_id, repo_type="dataset")
+    try:
+        api.bucket_info(repo_id)
+    except BucketNotFoundError:
+        return False
+    return True
 
 
 def check_hub(output_dir: str) -> None:
@@ -232,9 +248,12 @@ def _local_files(folder: Path) -> Dict[str, Tuple[int, int]]:
     out = {}
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.is_symlink() and not _skipped(rel):
-            st = path.stat()
-            out[rel] = (st.st_size, st.st_mtime_ns)
+        if _skipped(rel) or path.is_symlink():
+            continue
+        with contextlib.suppress(FileNotFoundError):  # a checkpoint rotated out while we look
+            if path.is_file():
+                st = path.stat()
+                out[rel] = (st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -298,11 +317,15 @@ def hub_experiment(output_dir: str, name: str, fresh: bool, say: Callable[[str],
     check_hub(output_dir)
     staging = layout.hub_staging(output_dir)
     mirror = Mirror(f"{output_dir.rstrip('/')}/{name}", staging / name)
-    if fresh:
-        moved = mirror.move_aside()
-        if moved:
-            say(f"--fresh: moved the previous experiment on the Hub to {moved}")
-    fetched = mirror.pull()
+    try:
+        if fresh:
+            moved = mirror.move_aside()
+            if moved:
+                say(f"--fresh: moved the previous experiment on the Hub to {moved}")
+        fetched = mirror.pull()
+    except Exception as e:  # the Hub went away between the check and here, or refused a read
+        raise UserError(f"output.dir: could not fetch {mirror.uri} into {mirror.local}: "
+                        f"{type(e).__name__}: {e}; run the command again") from None
     say(f"{mirror.uri}: mirrored in {mirror.local}" + (f" ({fetched} file(s) fetched)" if fetched else ""))
     with syncing(mirror, say):
         yield str(staging)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -47,6 +48,57 @@ def _train(spec: Path, *overrides: str):
 
 def _steps(metrics: Path) -> list:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def test_the_mirror_sends_what_changed_and_fetches_what_the_hub_holds(tmp_path, hub):
+    from qlora_ray.mirror import Mirror
+
+    uri = f"{HUB_DIR}/exp"
+    remote = hub / "datasets/me/runs/sweeps/exp"
+    a = tmp_path / "machine-a" / "exp"
+    (a / "t1/checkpoints/step_1").mkdir(parents=True)
+    (a / "t1/checkpoints/step_1/manifest.json").write_text("{}")
+    (a / "t1/checkpoints/step_1/state.json").write_text("{}")
+    (a / "t1/metrics.jsonl").write_text('{"step": 1}\n')
+    (a / "t1/checkpoints/.step_2.tmp").mkdir()  # a checkpoint being written: not sent
+    (a / "t1/checkpoints/.step_2.tmp/state.json").write_text("{}")
+    (a / "_ray/train").mkdir(parents=True)       # Ray's own state: not sent
+    (a / "_ray/train/state.pkl").write_text("x")
+    (a / "best").symlink_to("t1")
+    mirror_a = Mirror(uri, a)
+    assert mirror_a.pull() == 0
+    assert mirror_a.push() == 4  # three files and best.txt
+    assert sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) == [
+        ".qlora-ray-sync.json", "best.txt", "t1/checkpoints/step_1/manifest.json",
+        "t1/checkpoints/step_1/state.json", "t1/metrics.jsonl"]
+    assert (remote / "best.txt").read_text() == "t1\n"
+    assert mirror_a.push() == 0  # nothing changed, nothing sent
+
+    # Machine B: a fresh staging folder gets the Hub's copy, trains on, rotates a checkpoint out.
+    b = tmp_path / "machine-b" / "exp"
+    mirror_b = Mirror(uri, b)
+    assert mirror_b.pull() == 4  # the files (the sync marker aside)
+    (b / "t1/metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    shutil.rmtree(b / "t1/checkpoints/step_1")
+    (b / "t1/checkpoints/step_2").mkdir()
+    (b / "t1/checkpoints/step_2/manifest.json").write_text("{}")
+    assert mirror_b.push() == 2
+    assert not list((remote / "t1/checkpoints").glob("step_1/*"))
+    assert (remote / "t1/checkpoints/step_2/manifest.json").is_file()
+
+    # Machine A again: its folder is stale (the Hub moved on), so it is fetched afresh.
+    assert Mirror(uri, a).pull() == 3
+    assert (a / "t1/metrics.jsonl").read_text().count("step") == 2
+    assert not (a / "t1/checkpoints/step_1").exists() and not (a / "_ray").exists()
+    # Machine B again: its folder holds the Hub's last push (or newer): kept as it is.
+    (b / "t1/metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    mirror_b = Mirror(uri, b)
+    assert mirror_b.pull() == 0 and (b / "t1/metrics.jsonl").read_text().count("step") == 3
+    assert mirror_b.push() == 1  # the newer metrics go up
+
+    moved = mirror_b.move_aside()  # --fresh: the Hub's copy renamed, never deleted
+    assert moved.startswith(f"{uri}.old-") and not remote.exists() and not b.exists()
+    assert (hub / moved[len("hf://"):] / "t1/metrics.jsonl").is_file()
 
 
 def test_spec_accepts_a_hub_folder_and_refuses_other_schemes(tmp_path, tiny_model_dir, tiny_data_dir):
