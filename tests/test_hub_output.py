@@ -204,3 +204,51 @@ def test_a_sweep_out_of_time_resumes_from_the_hub_in_a_fresh_session(tmp_path, t
     assert len(starts) == 2 and "staging-2" in starts[1]["resume_from"]
     assert (remote / "tiny" / layout.ADAPTER_DIR / layout.ADAPTER_WEIGHTS).is_file()
     assert (remote / layout.BEST_FILE).read_text().strip() == "tiny"
+
+
+def test_a_push_to_the_hub_is_one_commit(tmp_path, monkeypatch):
+    """The Hub's API is replaced by a recorder (the Hub cannot be reached here): one push of a repo
+    folder is one commit, its paths under the folder, a checkpoint's manifest after its files, the
+    sync marker last; a bucket gets one batch."""
+    import huggingface_hub
+    from huggingface_hub.hf_file_system import HfFileSystemResolvedBucketPath, HfFileSystemResolvedRepositoryPath
+
+    from qlora_ray.mirror import _hub_commit
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, **kw: calls.append(("commit", kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "batch_bucket_files",
+                        lambda self, bucket, **kw: calls.append(("batch", bucket, kw)))
+
+    class Resolved:
+        def __init__(self, resolved):
+            self.resolved, self.invalidated = resolved, []
+
+        def resolve_path(self, path):
+            return self.resolved
+
+        def invalidate_cache(self, path):
+            self.invalidated.append(path)
+
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "state.json").write_text("{}")
+    adds = [(tmp_path / "state.json", "t/checkpoints/step_2/state.json"),
+            (tmp_path / "manifest.json", "t/checkpoints/step_2/manifest.json")]
+    repo = Resolved(HfFileSystemResolvedRepositoryPath(repo_type="dataset", repo_id="me/runs", revision="main",
+                                                       path_in_repo="sweeps/exp"))
+    _hub_commit(repo, "datasets/me/runs/sweeps/exp", adds, ["t/checkpoints/step_1/state.json"], "{}\n")
+    kind, kw = calls.pop()
+    assert kind == "commit" and kw["repo_id"] == "me/runs" and kw["repo_type"] == "dataset"
+    assert [(type(op).__name__, op.path_in_repo) for op in kw["operations"]] == [
+        ("CommitOperationAdd", "sweeps/exp/t/checkpoints/step_2/state.json"),
+        ("CommitOperationAdd", "sweeps/exp/t/checkpoints/step_2/manifest.json"),
+        ("CommitOperationDelete", "sweeps/exp/t/checkpoints/step_1/state.json"),
+        ("CommitOperationAdd", f"sweeps/exp/{layout.SYNC_FILE}")]
+    assert repo.invalidated == ["datasets/me/runs/sweeps/exp"]
+
+    bucket = Resolved(HfFileSystemResolvedBucketPath(bucket_id="me/b", path="exp"))
+    _hub_commit(bucket, "buckets/me/b/exp", adds, [], "{}\n")
+    kind, name, kw = calls.pop()
+    assert kind == "batch" and name == "me/b" and kw["delete"] is None
+    assert [dest for _, dest in kw["add"]] == ["exp/t/checkpoints/step_2/state.json",
+                                               "exp/t/checkpoints/step_2/manifest.json", f"exp/{layout.SYNC_FILE}"]
