@@ -59,7 +59,6 @@ def submit(
     """
     spec_path, overrides = _one_spec(args)
     from qlora_ray import runtime
-
     from qlora_ray.mirror import check_hub, hub_experiment, is_hub
 
     spec = load_spec(spec_path, overrides)
