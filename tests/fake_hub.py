@@ -34,7 +34,10 @@ def install(root: Path) -> None:
 
 def uninstall() -> None:
     """``hf://`` is the Hub again."""
-    fsspec.register_implementation("hf", "huggingface_hub.HfFileSystem", clobber=True)
+    from huggingface_hub import HfFileSystem
+
+    # The class itself: a registered class outranks a name, so a name would leave the stand-in in place.
+    fsspec.register_implementation("hf", HfFileSystem, clobber=True)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,10 @@ def test_a_missing_token_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data_di
     from huggingface_hub import constants
 
     fake_hub.uninstall()
+    from huggingface_hub import HfFileSystem
+    import fsspec.core
+
+    assert isinstance(fsspec.core.url_to_fs(HUB_DIR)[0], HfFileSystem)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
