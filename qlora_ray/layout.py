@@ -74,6 +74,8 @@ MODELFILE = "Modelfile"  # Ollama's
 # ---------------------------------------------------------------- elsewhere
 CACHE_ROOT = Path.home() / ".cache" / "qlora-ray"
 STAGING_DIR = "qlora-ray"  # under the system temp folder: a URI experiment's trial, staged locally
+HUB_STAGING = CACHE_ROOT / "hub"  # an hf:// output.dir's local mirror, one folder per URI
+SYNC_FILE = ".qlora-ray-sync.json"  # in a mirrored experiment: which push the folder holds
 
 
 def checkpoint_dir(trial_dir: Path, step: int) -> Path:
@@ -100,3 +102,9 @@ def experiment_cache(exp: str) -> Path:
     """Where a storage URI's experiment is mirrored to be read here."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in exp)
     return CACHE_ROOT / "experiments" / safe
+
+
+def hub_staging(output_dir: str) -> Path:
+    """The local folder an ``hf://`` output.dir is mirrored in (the same for the same URI)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in output_dir.rstrip("/"))
+    return HUB_STAGING / safe

@@ -19,14 +19,25 @@ import pyarrow.fs as pafs
 from qlora_ray import layout, results
 from qlora_ray.errors import disk_full_as
 from qlora_ray.records import Record
-from qlora_ray.spec import URI_SCHEMES
+from qlora_ray.spec import HUB_SCHEME, URI_SCHEMES
 
 R = TypeVar("R", bound=Record)
 
 
 def is_uri(text: str) -> bool:
-    """A storage URI (``s3://``, ``gs://``, ``file://``, ...) rather than a path."""
-    return text.startswith(URI_SCHEMES)
+    """A storage URI (``s3://``, ``gs://``, ``file://``, ``hf://``...) rather than a path."""
+    return text.startswith(URI_SCHEMES) or text.startswith(HUB_SCHEME)
+
+
+def _filesystem(uri: str):
+    """pyarrow's filesystem for ``uri`` and the path in it; ``hf://`` through fsspec's HfFileSystem
+    (read here; runs write it through :mod:`qlora_ray.mirror`)."""
+    if uri.startswith(HUB_SCHEME):
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
 
 
 class Storage:
@@ -35,7 +46,7 @@ class Storage:
     def __init__(self, root: str):
         self.root = root.rstrip("/") if is_uri(root) else str(Path(root).resolve())
         if is_uri(self.root):
-            self.fs, self._path = pafs.FileSystem.from_uri(self.root)
+            self.fs, self._path = _filesystem(self.root)
             self.local: Optional[Path] = Path(self._path) if isinstance(self.fs, pafs.LocalFileSystem) else None
         else:
             self.fs, self._path = pafs.LocalFileSystem(), str(Path(self.root).resolve())

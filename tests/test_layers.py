@@ -82,7 +82,7 @@ def _in(name: str, packages) -> bool:
 
 PURE_PACKAGES = ["qlora_ray.spec", "qlora_ray.results"]
 PURE = [*PURE_PACKAGES, "qlora_ray.plan", "qlora_ray.records", "qlora_ray.layout", "qlora_ray.storage",
-        *sorted(n for n in MODULES if any(n.startswith(p + ".") for p in PURE_PACKAGES))]
+        "qlora_ray.mirror", *sorted(n for n in MODULES if any(n.startswith(p + ".") for p in PURE_PACKAGES))]
 TRAINING_SIDE = ["qlora_ray.train", "qlora_ray.loss", "qlora_ray.evaluate", "qlora_ray.data", "qlora_ray.model"]
 MAY_IMPORT_RAY = ["qlora_ray.runtime", "qlora_ray.cluster"]
 # What works on a trained adapter (eval, merge, export) and the base-figure cache's key: torch, never Ray.

@@ -59,8 +59,12 @@ def submit(
     """
     spec_path, overrides = _one_spec(args)
     from qlora_ray import runtime
+    from qlora_ray.mirror import check_hub, hub_experiment, is_hub
 
+    spec = load_spec(spec_path, overrides)
     if detach:
+        if is_hub(spec.output.dir):  # the job mirrors it on the cluster, which needs HF_TOKEN too
+            check_hub(spec.output.dir)
         record = runtime.submit_detached(spec_path, overrides, console, address=address, fresh=fresh)
         name = record.name
         console.print(f"submitted job [bold]{record.job_id}[/] to {record.address}", soft_wrap=True)
@@ -68,8 +72,12 @@ def submit(
         console.print(f"  results:    qlora-ray results {name}  (job record: {record.experiment}/{layout.JOB_FILE})",
                       soft_wrap=True, highlight=False)
         return
-    outcome = runtime.submit(spec_path, overrides, console, runtime.ConnectOptions(
-        address=address, dashboard=dashboard, dashboard_host=dashboard_host), fresh=fresh)
+    say = (lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
+    with hub_experiment(spec.output.dir, spec.name, fresh, say) as staging:
+        # An hf:// output.dir: the sweep runs in the local mirror, pushed to the Hub as it goes.
+        outcome = runtime.submit(spec_path, [*overrides, *([f"output.dir={staging}"] if staging else [])], console,
+                                 runtime.ConnectOptions(address=address, dashboard=dashboard,
+                                                        dashboard_host=dashboard_host), fresh=fresh)
     _print_board(outcome.board, outcome.exp)
     if outcome.out_of_time:
         # Exit 3: not a failure, a session ending; the same command (without --fresh) resumes.

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from qlora_ray.cli.app import app, console, user_errors
 from qlora_ray.errors import UserError
+from qlora_ray.mirror import hub_problem, is_hub
 from qlora_ray.plan import expand
 from qlora_ray.spec import SpecError, load_spec, to_yaml
 
@@ -47,6 +48,11 @@ def validate(
         except SpecError as e:
             problems.extend(e.problems)
             continue
+        if is_hub(spec.output.dir):  # can the run write there (a token, an existing repo)?
+            problem = hub_problem(spec.output.dir)
+            if problem:
+                problems.append(f"{path}: output.dir: {problem}")
+                continue
         trials = expand(spec)
         out.append({"file": str(path), "spec": asdict(spec),
                     "trials": [{"id": t.id, "values": t.values} for t in trials]})

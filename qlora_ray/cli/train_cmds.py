@@ -49,7 +49,18 @@ def train(
     spec = load_spec(specs[0], overrides)
     if spec.output.dir.startswith(URI_SCHEMES):
         raise UserError(f"output.dir: '{spec.output.dir}' is a storage URI; `qlora-ray train` writes a local "
-                        "folder (override output.dir=runs), or run the spec with `qlora-ray submit`")
+                        "folder (override output.dir=runs) or a Hub folder (hf://datasets/...), or run the "
+                        "spec with `qlora-ray submit`")
+    from qlora_ray.mirror import hub_experiment
+
+    say = (lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
+    with hub_experiment(spec.output.dir, spec.name, False, say) as staging:
+        if staging is not None:  # runs in the local mirror of the Hub folder
+            spec = load_spec(specs[0], [*overrides, f"output.dir={staging}"])
+        _train_chosen(spec, specs[0], trial, fresh, quiet)
+
+
+def _train_chosen(spec, spec_file, trial: Optional[str], fresh: bool, quiet: bool) -> None:
     from qlora_ray.plan import expand
 
     trials = expand(spec)
@@ -57,10 +68,10 @@ def train(
     if trial is not None:
         by_id = {t.id: t for t in trials}
         if trial not in by_id:
-            raise UserError(f"--trial: no trial '{trial}' in {specs[0]}; its trials: {', '.join(by_id)}")
+            raise UserError(f"--trial: no trial '{trial}' in {spec_file}; its trials: {', '.join(by_id)}")
         chosen = by_id[trial]
     elif len(trials) > 1:
-        console.print(f"{specs[0]} sweeps {len(trials)} trials; training the first ({chosen.id}). "
+        console.print(f"{spec_file} sweeps {len(trials)} trials; training the first ({chosen.id}). "
                       "Pick another with --trial, or run them all with `qlora-ray submit`.", highlight=False)
 
     from qlora_ray.model import resolve_source
@@ -68,7 +79,7 @@ def train(
     quiet_libraries()
     with err_console.status("locating the model (a GGUF model is converted once, about a minute)..."):
         resolve_source(spec.model, spec.data.cache_dir)
-    with experiment_lock(spec.experiment_dir, f"qlora-ray train {specs[0]}"):
+    with experiment_lock(spec.experiment_dir, f"qlora-ray train {spec_file}"):
         _train_one(chosen, spec, fresh, quiet)
 
 

@@ -21,24 +21,25 @@ from qlora_ray.spec.fields import (CHECKPOINTING, DATA_FORMATS, DISTRIBUTIONS, D
                                    MAX_NAME_BYTES, MAX_SEEDS, MAXIMA, MESSAGE_CHARS, MINIMA,
                                    NO_BF16_ACCELERATORS, OFFLINE_ALIASES, OPTIMIZERS, QUANT_MODES, RUNNERS,
                                    SCHEDULERS, SEARCH_METHODS, SEARCH_SCHEDULERS, SEED_MAX, SELECT_METRICS,
-                                   SHOWN_CHARS, URI_SCHEMES, WANDB_MODES, Problem, SpecError, show)
+                                   SHOWN_CHARS, URI_SCHEMES, WANDB_MODES, HUB_OUTPUT, HUB_SCHEME, Problem,
+                                   SpecError, show)
 from qlora_ray.spec.inputs import DataSpec, LoraSpec, ModelSpec, QuantizationSpec
 from qlora_ray.spec.training import EvalSpec, TrainSpec
 from qlora_ray.spec.running import (MLflowSpec, OutputSpec, ResourcesSpec, ResultsSpec, SearchSpec,
                                     TrackingSpec, WandbSpec)
 from qlora_ray.spec.job import JobSpec, name_problems, to_yaml, with_values
 from qlora_ray.spec.schema import leaf_paths, reference_markdown
-from qlora_ray.spec.paths import project_root
+from qlora_ray.spec.paths import hub_output_problems, project_root
 from qlora_ray.spec.sweep import SWEEPABLE_SECTIONS, VALUE_PROBLEMS_SHOWN
 from qlora_ray.spec.load import build_spec, load_spec, parse_overrides
 
 __all__ = [
     "CHECKPOINTING", "DATA_FORMATS", "DISTRIBUTIONS", "DTYPES", "EVAL_KEEP", "INT_MAX", "MAX_NAME_BYTES",
-    "MAX_SEEDS", "MAXIMA", "MESSAGE_CHARS", "MINIMA", "NO_BF16_ACCELERATORS", "OFFLINE_ALIASES", "OPTIMIZERS",
+    "HUB_OUTPUT", "HUB_SCHEME", "MAX_SEEDS", "MAXIMA", "MESSAGE_CHARS", "MINIMA", "NO_BF16_ACCELERATORS", "OFFLINE_ALIASES", "OPTIMIZERS",
     "QUANT_MODES", "RUNNERS", "SCHEDULERS", "SEARCH_METHODS", "SEARCH_SCHEDULERS", "SEED_MAX", "SELECT_METRICS",
     "SHOWN_CHARS", "SWEEPABLE_SECTIONS", "URI_SCHEMES", "VALUE_PROBLEMS_SHOWN", "WANDB_MODES",
     "DataSpec", "EvalSpec", "JobSpec", "LoraSpec", "MLflowSpec", "ModelSpec", "OutputSpec", "QuantizationSpec",
     "ResourcesSpec", "ResultsSpec", "SearchSpec", "TrackingSpec", "TrainSpec", "WandbSpec",
-    "Problem", "SpecError", "build_spec", "leaf_paths", "load_spec", "name_problems", "parse_overrides",
+    "Problem", "SpecError", "build_spec", "hub_output_problems", "leaf_paths", "load_spec", "name_problems", "parse_overrides",
     "project_root", "reference_markdown", "show", "to_yaml", "with_values",
 ]

@@ -4,6 +4,7 @@ as one :class:`SpecError`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import field
 from typing import Any, Iterator, List, Sequence
 
@@ -22,6 +23,9 @@ OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
 # GPUs without bf16 support (compute capability < 8.0) that people rent for QLoRA.
 NO_BF16_ACCELERATORS = ("T4", "V100", "P100", "K80", "P4")
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "file://")
+HUB_SCHEME = "hf://"
+# output.dir on the Hub: a dataset repo or a bucket, then an optional folder (no @revision: writes go to main).
+HUB_OUTPUT = re.compile(r"hf://(datasets|buckets)/[\w.-]+/[\w.-]+(/[^@]*)?")
 # A name and a trial id each name a folder (at most 255 bytes on common file systems) that
 # can gain a suffix such as ".old-<time>"; this leaves room for it.
 MAX_NAME_BYTES = 200

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-from qlora_ray.spec.fields import URI_SCHEMES, Problem, show
+from qlora_ray.spec.fields import HUB_OUTPUT, HUB_SCHEME, URI_SCHEMES, Problem, show
 from qlora_ray.spec.job import JobSpec
 from qlora_ray.spec.schema import get_path
 
@@ -47,8 +47,8 @@ def anchor_paths(raw: Dict[str, Any], anchor: Path) -> Dict[str, Any]:
 
 def _anchor_path(key: str, value: Any, anchor: Path) -> Any:
     """``value`` made absolute against ``anchor`` when it is a local path (else unchanged)."""
-    if not isinstance(value, str) or not value or _is_uri(value) or "${" in value:
-        return value
+    if not isinstance(value, str) or not value or _is_uri(value) or "://" in value or "${" in value:
+        return value  # a URI of an unknown scheme stays as typed, so validation can name it
     if key == "data.cache_dir" or value.startswith("~"):
         value = os.path.expanduser(value)
     if key == "data.cache_dir" and not os.path.isabs(value):
@@ -83,12 +83,25 @@ def file_problems(spec: JobSpec, path: Path, declared: Optional[str]) -> Iterato
     if (name.startswith(("/", ".")) or name.endswith(".gguf")) and not Path(name).exists():
         yield "model.name", f"local model '{name}' not found"
     out = spec.output.dir
-    if not _is_uri(out):
+    if out.startswith(HUB_SCHEME):
+        yield from hub_output_problems(out)
+    elif "://" in out and not _is_uri(out):
+        yield "output.dir", (f"'{show(out)}': unknown storage scheme '{out.split('://')[0]}://'; use a path, "
+                             f"hf://datasets/<user>/<repo>, or one of {', '.join(URI_SCHEMES)}")
+    elif not _is_uri(out):
         root = project_root(path.resolve().parent)
         if declared is not None and not Path(declared).is_absolute() and not Path(out).resolve().is_relative_to(root):
             yield "output.dir", f"'{declared}' climbs out of the project ({root}); use a path inside it, an absolute path or a storage URI"
         else:
             yield from _writable_folder_problems(Path(out))
+
+
+def hub_output_problems(out: str) -> Iterator[Problem]:
+    """An ``hf://`` output.dir must name a dataset repo or a bucket (a folder inside is allowed)."""
+    if not HUB_OUTPUT.fullmatch(out.rstrip("/")):
+        yield "output.dir", (f"'{show(out)}' is not a Hub folder qlora-ray can write; use "
+                             "hf://datasets/<user>/<repo>[/folder] (a dataset repo) or "
+                             "hf://buckets/<user>/<bucket>[/folder]")
 
 
 def _writable_folder_problems(out: Path) -> Iterator[Problem]:

@@ -134,4 +134,6 @@ class TrackingSpec:
 
 @dataclass
 class OutputSpec:
-    dir: str = setting("runs", "Where experiments are written: a path (relative to the spec) or a storage URI (s3://, gs://).")
+    dir: str = setting("runs", "Where experiments are written: a path (relative to the spec), a storage URI (s3://, "
+                               "gs://), or a Hugging Face Hub folder (hf://datasets/<user>/<repo>[/sub] or "
+                               "hf://buckets/<user>/<bucket>[/sub]) mirrored from a local staging folder.")
