@@ -117,6 +117,12 @@ class QuantizationSpec:
     mode: str = _f("nf4", "Base weight quantization: nf4, fp4 (4-bit), int8, or none.")
     double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: str = _f("auto", "auto (bf16 on sm>=80, fp16 on older GPUs such as T4, fp32 on CPU), bf16, fp16, fp32.")
+    cpu_dequantize: bool = _f(True, "On the CPU, dequantize the 4-bit (nf4, fp4) base weights once to the compute "
+                                    "dtype and keep them: the same values bitsandbytes dequantizes at every "
+                                    "forward (the adapter still learns the 4-bit base), steps several times "
+                                    "faster, the base's memory that of an unquantized one. false: dequantize at "
+                                    "every forward, as on a GPU (a big model on a small CPU machine). No effect "
+                                    "on GPUs, for int8, or with lora.init loftq (it needs the 4-bit layers).")
 
     def problems(self) -> Iterator[Problem]:
         if self.mode not in QUANT_MODES:
