@@ -415,6 +415,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="levers: train steps per variant")
     parser.add_argument("--only", default="", help="levers: comma-separated words; only levers whose name holds one")
     parser.add_argument("--rounds", type=int, default=1, help="levers: a/b alternations per lever (medians)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 makes CPU "
+                        "seconds per token a fair a/b measure on a machine busy with other work")
     parser.add_argument("overrides", nargs="*", help="spec overrides (KEY=VALUE), e.g. model.name=DIR for "
                         "a stand-in model of the same shape")
     args = parser.parse_args()
@@ -423,6 +425,10 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.kind == "train":
         report = run_train(args.out, args.overrides)
     elif args.kind == "levers":
