@@ -3,6 +3,7 @@ CPU), compute dtype, the pad token, LoRA, and adapters that load with plain peft
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -193,8 +194,15 @@ def test_load_adapter_reproduces_the_trial(trained):
         assert M.find_adapter(where) == trial / "adapter"
     model, tokenizer, _, saved = M.load_adapter(trial)
     assert saved.model.name == spec.model.name and saved.quantization == spec.quantization
-    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    # On the CPU the NF4 base is kept dequantized (quantization.cpu_dequantize) ...
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer) is torch.nn.Linear
     prepared = data.prepare(saved.data, tokenizer)
+    ppl, tokens = perplexity(model, data.eval_batches(prepared, saved.eval.batch_size))
+    assert tokens == result.eval_tokens and ppl == pytest.approx(result.eval_ppl, rel=1e-5)
+    # ... and the adapter it trained measures the same on bitsandbytes' own 4-bit layers.
+    per_call = dataclasses.replace(saved.quantization, cpu_dequantize=False)
+    model = M.load_adapter(trial, quantization=per_call).model
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     ppl, tokens = perplexity(model, data.eval_batches(prepared, saved.eval.batch_size))
     assert tokens == result.eval_tokens and ppl == pytest.approx(result.eval_ppl, rel=1e-5)
 
