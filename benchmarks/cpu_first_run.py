@@ -2,7 +2,7 @@
 phases, and the levers that move them, measured in one process run each.
 
     python benchmarks/cpu_first_run.py train  [--out benchmarks/results/cpu_first_run] [KEY=VALUE ...]
-    python benchmarks/cpu_first_run.py levers [--out ...] [--steps 3]
+    python benchmarks/cpu_first_run.py levers [--out ...] [--steps 3] [--rounds 2] [--threads 1] [--only WORDS]
     python benchmarks/cpu_first_run.py submit [--out ...]
 
 ``train`` runs ``jobs/hinglish_smoke.yaml`` as ``qlora-ray train`` does (fresh output folder,
@@ -11,7 +11,8 @@ tokenizer and data, the NF4 load, LoRA, base perplexity and replies, every train
 adapter, tuned perplexity and replies; then a second run of the same job, whose base figures
 come from the cache. ``levers`` times train steps and generation of the default job's model
 under one setting and another, alternating, so a loaded machine affects both alike (compare
-ratios): torch threads, the NF4 base against an unquantized one, the fused path against
+ratios): the NF4 base dequantized per forward against kept dequantized, max_seq_len, eval passes
+and sample replies on either, torch threads, the NF4 base against an unquantized one, the fused path against
 peft, LoRA dropout, tokens per step, batched generation with the KV cache, the base-figure
 cache. ``submit`` runs the job as a 2-trial sweep through a local Ray (``qlora-ray submit``)
 and splits its wall time (Ray start, base-model task, trial start, trials, leaderboard) from
