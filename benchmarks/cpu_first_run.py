@@ -254,7 +254,8 @@ def run_levers(out: Path, steps: int, overrides: List[str], only: List[str] = ()
     compare("NF4 base vs unquantized (peft)", "nf4", lambda: step_time(), "none (fp32 base)",
             lambda: step_time(quant="none"))
     levers.append({"lever": "model load", **{f"{k}_s": round(v[3], 2) for k, v in loaded.items()}, "load": load()})
-    if not any(wanted(n) for n in ("sample replies", "KV cache", "base figures", "eval pass")):
+    if not any(wanted(n) for n in ("sample replies", "KV cache in generation", "base figures",
+                                   "sample replies on the NF4 base", "eval pass (24 examples) on the NF4 base")):
         return {"kind": "levers", "job": str(JOB.relative_to(ROOT)), "overrides": overrides, "machine": machine(),
                 "steps_per_variant": steps, "rounds": rounds, "torch_threads": torch.get_num_threads(),
                 "cores": cores, "load_before": before, "load_after": load(), "levers": levers}
