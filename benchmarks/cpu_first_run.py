@@ -2,7 +2,7 @@
 phases, and the levers that move them, measured in one process run each.
 
     python benchmarks/cpu_first_run.py train  [--out benchmarks/results/cpu_first_run] [KEY=VALUE ...]
-    python benchmarks/cpu_first_run.py levers [--out ...] [--steps 3]
+    python benchmarks/cpu_first_run.py levers [--out ...] [--steps 3] [--rounds 2] [--threads 1] [--only WORDS]
     python benchmarks/cpu_first_run.py submit [--out ...]
 
 ``train`` runs ``jobs/hinglish_smoke.yaml`` as ``qlora-ray train`` does (fresh output folder,
@@ -11,7 +11,8 @@ tokenizer and data, the NF4 load, LoRA, base perplexity and replies, every train
 adapter, tuned perplexity and replies; then a second run of the same job, whose base figures
 come from the cache. ``levers`` times train steps and generation of the default job's model
 under one setting and another, alternating, so a loaded machine affects both alike (compare
-ratios): torch threads, the NF4 base against an unquantized one, the fused path against
+ratios): the NF4 base dequantized per forward against kept dequantized, max_seq_len, eval passes
+and sample replies on either, torch threads, the NF4 base against an unquantized one, the fused path against
 peft, LoRA dropout, tokens per step, batched generation with the KV cache, the base-figure
 cache. ``submit`` runs the job as a 2-trial sweep through a local Ray (``qlora-ray submit``)
 and splits its wall time (Ray start, base-model task, trial start, trials, leaderboard) from
@@ -145,7 +146,18 @@ def run_train(out: Path, overrides: List[str]) -> Dict:
 
 # ---------------------------------------------------------------- levers
 
-def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
+def _median_runs(runs: List[Dict]) -> Dict:
+    """One variant's figures over alternating rounds: the median of each number, the lists kept."""
+    if len(runs) == 1:
+        return runs[0]
+    merged: Dict = {}
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs]
+        merged[key] = round(statistics.median(values), 3) if isinstance(value, (int, float)) else values
+    return merged
+
+
+def run_levers(out: Path, steps: int, overrides: List[str], only: List[str] = (), rounds: int = 1) -> Dict:
     import torch
 
     from qlora_ray import data, evaluate
@@ -160,20 +172,24 @@ def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
     base_spec = load_spec(JOB, overrides)
     loaded: Dict[str, tuple] = {}
 
-    def model_for(quant: str, dropout: float):
-        if quant not in loaded:
-            spec = load_spec(JOB, [*overrides, f"quantization.mode={quant}"])
+    def model_for(quant: str, dropout: float, kept: bool = True):
+        kind = quant if kept else f"{quant} per forward"
+        settings = [*overrides, f"quantization.mode={quant}", f"quantization.cpu_dequantize={str(kept).lower()}"]
+        if kind not in loaded:
+            spec = load_spec(JOB, settings)
             tick = time.perf_counter()
             m, tok, dtype, _ = load_base(spec)
-            loaded[quant] = (m, tok, dtype, time.perf_counter() - tick)
-        m, tok, dtype, _ = loaded[quant]
-        spec = load_spec(JOB, [*overrides, f"quantization.mode={quant}", f"lora.dropout={dropout}"])
+            loaded[kind] = (m, tok, dtype, time.perf_counter() - tick)
+        m, tok, dtype, _ = loaded[kind]
+        spec = load_spec(JOB, [*settings, f"lora.dropout={dropout}"])
         torch.manual_seed(0)
         peft_model = add_lora(m, spec)
         return peft_model, tok, dtype, spec
 
-    def step_time(quant="nf4", dropout=0.05, fused=False, batch=4, threads=None) -> Dict:
-        peft_model, tok, dtype, spec = model_for(quant, dropout)
+    def step_time(quant="nf4", dropout=0.05, fused=False, batch=4, threads=None, kept=True, seq=None) -> Dict:
+        peft_model, tok, dtype, spec = model_for(quant, dropout, kept)
+        if seq:
+            spec.data.max_seq_len = seq
         prepared = data.prepare(spec.data, tok)
         batches = data.train_batches(prepared, spec.data, batch, 0, 0)
         parts = build_parts(peft_model, spec.train, 100, dtype)
@@ -207,7 +223,11 @@ def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
 
     def compare(name: str, a_label: str, a: Callable[[], Dict], b_label: str, b: Callable[[], Dict],
                 metric: str = "tokens_per_s") -> None:
-        first, second = a(), b()
+        if not wanted(name):
+            return
+        # a, b, a, b, ...: a machine whose load changes affects both alike; the median of each side.
+        runs = [(a(), b()) for _ in range(rounds)]
+        first, second = (_median_runs([r[i] for r in runs]) for i in (0, 1))
         for m in (metric, "tokens_per_cpu_s"):
             if m not in first:
                 continue
@@ -217,7 +237,13 @@ def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
                            "b_detail": second, "load": load()})
             print(f"{name}: {a_label} {first[m]} vs {b_label} {second[m]} {m} (x{ratio:.2f})", flush=True)
 
+    def wanted(name: str) -> bool:
+        return not only or any(word.lower() in name.lower() for word in only)
+
     cores = os.cpu_count() or 2
+    compare("NF4 base: dequantized per forward vs kept (peft)", "per forward (bitsandbytes)",
+            lambda: step_time(kept=False), "kept (quantization.cpu_dequantize)", lambda: step_time())
+    compare("max_seq_len (4 packed rows)", "256", lambda: step_time(), "128", lambda: step_time(seq=128))
     compare("torch threads", f"{torch.get_num_threads()} threads (default)", lambda: step_time(),
             "1 thread", lambda: step_time(threads=1))
     compare("fused path (dropout 0.05)", "peft", lambda: step_time(), "fused", lambda: step_time(fused=True))
@@ -227,8 +253,14 @@ def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
     compare("tokens per step", "4 rows of 256", lambda: step_time(), "8 rows of 256", lambda: step_time(batch=8))
     compare("NF4 base vs unquantized (peft)", "nf4", lambda: step_time(), "none (fp32 base)",
             lambda: step_time(quant="none"))
-    levers.append({"lever": "model load", "nf4_s": round(loaded["nf4"][3], 2),
-                   "none_s": round(loaded["none"][3], 2), "load": load()})
+    levers.append({"lever": "model load", **{f"{k}_s": round(v[3], 2) for k, v in loaded.items()}, "load": load()})
+    if not any(wanted(n) for n in ("sample replies", "KV cache in generation", "base figures",
+                                   "sample replies on the NF4 base", "eval pass (24 examples) on the NF4 base")):
+        return {"kind": "levers", "job": str(JOB.relative_to(ROOT)), "overrides": overrides, "machine": machine(),
+                "steps_per_variant": steps, "rounds": rounds, "torch_threads": torch.get_num_threads(),
+                "cores": cores, "load_before": before, "load_after": load(), "levers": levers}
+    model_for("nf4", 0.0)[0].unload()
+    model_for("nf4", 0.0, kept=False)[0].unload()
 
     # Generation: the smoke job's prompts, one batch with the KV cache vs one prompt at a time, vs no cache.
     m, tok, dtype, _ = loaded["nf4"]
@@ -256,9 +288,31 @@ def run_levers(out: Path, steps: int, overrides: List[str]) -> Dict:
             lambda: gen(8), metric="prompts_per_s")
     compare("KV cache in generation", "off", lambda: gen(8, cache=False), "on", lambda: gen(8),
             metric="prompts_per_s")
+    prepared = data.prepare(base_spec.data, tok)
+
+    def gen_on(kind: str) -> Dict:
+        nonlocal m
+        m = loaded[kind][0]
+        try:
+            return gen(8)
+        finally:
+            m = loaded["nf4"][0]
+
+    def eval_pass(kind: str) -> Dict:
+        tick = time.perf_counter()
+        evaluate.perplexity(loaded[kind][0], data.eval_batches(prepared, base_spec.eval.batch_size), dtype)
+        return {"s": round(time.perf_counter() - tick, 2), "passes_per_s": round(1 / (time.perf_counter() - tick), 4)}
+
+    compare("sample replies on the NF4 base", "per forward", lambda: gen_on("nf4 per forward"), "kept",
+            lambda: gen_on("nf4"), metric="prompts_per_s")
+    compare("eval pass (24 examples) on the NF4 base", "per forward", lambda: eval_pass("nf4 per forward"), "kept",
+            lambda: eval_pass("nf4"), metric="passes_per_s")
+    if not wanted("base figures"):
+        return {"kind": "levers", "job": str(JOB.relative_to(ROOT)), "overrides": overrides, "machine": machine(),
+                "steps_per_variant": steps, "rounds": rounds, "torch_threads": torch.get_num_threads(),
+                "cores": cores, "load_before": before, "load_after": load(), "levers": levers}
 
     # The base figures: measured (perplexity + replies) vs taken from the cache.
-    prepared = data.prepare(base_spec.data, tok)
     tick = time.perf_counter()
     evaluate.measure(m, tok, prepared, base_spec, dtype)
     measured = time.perf_counter() - tick
@@ -361,6 +415,10 @@ def main() -> None:
     parser.add_argument("kind", choices=("train", "levers", "submit"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_first_run")
     parser.add_argument("--steps", type=int, default=3, help="levers: train steps per variant")
+    parser.add_argument("--only", default="", help="levers: comma-separated words; only levers whose name holds one")
+    parser.add_argument("--rounds", type=int, default=1, help="levers: a/b alternations per lever (medians)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 makes CPU "
+                        "seconds per token a fair a/b measure on a machine busy with other work")
     parser.add_argument("overrides", nargs="*", help="spec overrides (KEY=VALUE), e.g. model.name=DIR for "
                         "a stand-in model of the same shape")
     args = parser.parse_args()
@@ -369,10 +427,15 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.kind == "train":
         report = run_train(args.out, args.overrides)
     elif args.kind == "levers":
-        report = run_levers(args.out, args.steps, args.overrides)
+        report = run_levers(args.out, args.steps, args.overrides, [w for w in args.only.split(",") if w],
+                            args.rounds)
     else:
         report = run_submit(args.out, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -132,14 +132,17 @@ def base_key(spec, tokenizer, prepared, device, prompts: Optional[Sequence[str]]
     import torch
 
     from qlora_ray.evaluate import decoding_settings, read_prompts
-    from qlora_ray.model import resolve_dtype
+    from qlora_ray.model import keeps_dequantized, resolve_dtype
 
     device = torch.device(device)
     prompts = tuple(read_prompts(spec.eval) if prompts is None else prompts)
     q = spec.quantization
     return BaseKey(
         model=model_identity(spec.model, spec.data.cache_dir),
-        quantization=q.mode + ("+dq" if q.double_quant and q.mode in ("nf4", "fp4") else ""),
+        # "+kept": dequantized once (model.keeps_dequantized), multiplied by plain matmuls whose
+        # last digits may differ from bitsandbytes' fused 4-bit kernels.
+        quantization=q.mode + ("+dq" if q.double_quant and q.mode in ("nf4", "fp4") else "")
+        + ("+kept" if keeps_dequantized(spec, device) else ""),
         compute_dtype=str(resolve_dtype(q, device)).replace("torch.", ""),
         device=device.type,
         tokenizer=tokenizer_hash(tokenizer),

@@ -209,11 +209,51 @@ def load_base(spec: JobSpec, device=None) -> LoadedModel:
     except OSError as e:
         raise UserError(f"model.name: cannot load '{spec.model.name}': {e}") from None
     _fit_embeddings(model, tokenizer)
+    if keeps_dequantized(spec, device):
+        count = dequantize_once(model, dtype)
+        log.info("quantization: %d %s linears dequantized once to %s on the CPU and kept (the values every "
+                 "forward would dequantize; quantization.cpu_dequantize: false dequantizes per forward)",
+                 count, spec.quantization.mode, str(dtype).replace("torch.", ""))
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad = False
     model.eval()
     return LoadedModel(model, tokenizer, dtype)
+
+
+def keeps_dequantized(spec: JobSpec, device) -> bool:
+    """Whether ``load_base`` keeps the 4-bit base dequantized (``quantization.cpu_dequantize``):
+    on the CPU, for nf4 and fp4, unless LoftQ needs the 4-bit layers to start from."""
+    return (torch.device(device).type == "cpu" and spec.quantization.cpu_dequantize
+            and spec.quantization.mode in ("nf4", "fp4") and spec.lora.init != "loftq")
+
+
+def dequantize_once(model, dtype: torch.dtype) -> int:
+    """Swap every bitsandbytes 4-bit linear of ``model`` for a frozen plain linear holding its
+    weight dequantized to ``dtype``; the number swapped.
+
+    The kept weight is exactly what bitsandbytes dequantizes at each forward (the 4-bit codes
+    times their block scales), so a LoRA adapter trained on it is trained on the 4-bit base's
+    values and loads on a 4-bit base unchanged. On a CPU that dequantize, redone at every
+    forward (and again in every backward), costs more than the matrix multiply it feeds.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for name, module in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight = module.weight
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device="meta")
+        with torch.no_grad():
+            plain.weight = torch.nn.Parameter(dequantize_4bit(weight.data, weight.quant_state).to(dtype),
+                                              requires_grad=False)
+            if module.bias is not None:
+                plain.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+        setattr(parent, child, plain)
+    return len(swaps)
 
 
 def _fit_embeddings(model, tokenizer) -> None:

@@ -112,6 +112,8 @@ def test_base_key_follows_exactly_the_inputs_that_decide_the_figures(spec_parts,
         fp(quantization="{mode: none, compute_dtype: fp32}"),
         fp(quantization="{mode: nf4, double_quant: false, compute_dtype: fp32}"),
         fp(quantization="{mode: fp4, compute_dtype: fp32}"),
+        # Kept dequantized (the CPU default) or dequantized per forward: other kernels, other last digits.
+        fp(quantization="{mode: nf4, compute_dtype: fp32, cpu_dequantize: false}"),
         fp(eval=f"{{prompts: {tiny_data_dir}/prompts.txt, max_new_tokens: 5}}"),
         fp(eval=f"{{prompts: {tiny_data_dir}/prompts.txt, max_new_tokens: 4, max_prompts: 1}}"),
         fp(eval="{max_new_tokens: 4, perplexity: false}"),

@@ -30,9 +30,12 @@ class _MaskDropout(torch.nn.Module):
         return x * dropout_mask(x, self.p) if self.training else x
 
 
-def _model(tmp_path, model_dir, data_dir, dropout=0.0, checkpointing=False, compute="fp32", device="cpu"):
+def _model(tmp_path, model_dir, data_dir, dropout=0.0, checkpointing=False, compute="fp32", device="cpu",
+           kept=False):
+    # kept: the CPU's NF4 base dequantized once (quantization.cpu_dequantize), plain weights.
     spec = load_spec(write_tiny_spec(
-        tmp_path, model_dir, data_dir, quantization=f"{{mode: nf4, compute_dtype: {compute}}}",
+        tmp_path, model_dir, data_dir,
+        quantization=f"{{mode: nf4, compute_dtype: {compute}, cpu_dequantize: {str(kept).lower()}}}",
         lora=f"{{r: 4, alpha: 8, dropout: {dropout}}}",
         train=f"{{max_steps: 2, batch_size: 4, gradient_checkpointing: {str(checkpointing).lower()}}}",
         resources=f"{{gpus_per_trial: {1 if device == 'cuda' else 0}}}"))
@@ -69,10 +72,11 @@ def _compare(ref, got, rtol):
         assert error < rtol, f"{name}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("dropout,checkpointing", [(0.0, False), (0.0, True), (0.1, False), (0.1, True)])
+@pytest.mark.parametrize("dropout,checkpointing,kept", [(0.0, False, False), (0.0, True, False), (0.1, False, False),
+                                                        (0.1, True, False), (0.0, False, True), (0.1, True, True)])
 def test_fused_loss_and_lora_gradients_match_peft_on_cpu(tmp_path, tiny_model_dir, tiny_data_dir, dropout,
-                                                         checkpointing):
-    model, batch = _model(tmp_path, tiny_model_dir, tiny_data_dir, dropout, checkpointing)
+                                                         checkpointing, kept):
+    model, batch = _model(tmp_path, tiny_model_dir, tiny_data_dir, dropout, checkpointing, kept=kept)
     reference = _loss_and_grads(model, batch)
     with fuse(model) as handle:
         assert (handle.attention, handle.mlp) == (2, 2)

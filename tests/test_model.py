@@ -3,6 +3,7 @@ CPU), compute dtype, the pad token, LoRA, and adapters that load with plain peft
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -38,7 +39,8 @@ def test_resolve_dtype(monkeypatch, setting, device, capability, expected):
     ("nf4", "Linear4bit", "nf4"), ("fp4", "Linear4bit", "fp4"),
     ("int8", "Linear8bitLt", None), ("none", "Linear", None)])
 def test_load_base_quantizes_as_the_spec_says(tiny_spec_file, mode, layer, quant_type):
-    spec = spec_for(tiny_spec_file, f"quantization.mode={mode}", "quantization.double_quant=true")
+    spec = spec_for(tiny_spec_file, f"quantization.mode={mode}", "quantization.double_quant=true",
+                    "quantization.cpu_dequantize=false")
     model, tokenizer, dtype, _ = M.load_base(spec)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer
@@ -48,6 +50,35 @@ def test_load_base_quantizes_as_the_spec_says(tiny_spec_file, mode, layer, quant
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert dtype == torch.float32 and not hasattr(model, "qlora_compute_dtype")  # returned, not tagged on
     assert tokenizer.pad_token == "<|pad|>" and model.config.pad_token_id == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_cpu_keeps_the_4bit_base_dequantized_with_the_same_logits(tiny_spec_file, mode):
+    """quantization.cpu_dequantize: the kept weights are the 4-bit layers' own dequantized values,
+    so the logits (eval and training forwards) match the per-forward path."""
+    kept = M.load_base(spec_for(tiny_spec_file, f"quantization.mode={mode}")).model
+    per_forward = M.load_base(spec_for(tiny_spec_file, f"quantization.mode={mode}",
+                                       "quantization.cpu_dequantize=false")).model
+    assert type(kept.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(per_forward.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert not any(p.requires_grad for p in kept.parameters())
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(input_ids=ids).logits, per_forward(input_ids=ids).logits, rtol=0, atol=1e-6)
+    # With gradients on, bitsandbytes takes its dequantize-then-matmul path.
+    embeds = kept.get_input_embeddings()(ids).detach().requires_grad_(True)
+    torch.testing.assert_close(kept(inputs_embeds=embeds).logits,
+                               per_forward(inputs_embeds=embeds.detach().clone().requires_grad_(True)).logits,
+                               rtol=0, atol=1e-6)
+
+
+def test_kept_base_only_on_the_cpu_for_4bit_without_loftq(tiny_spec_file):
+    assert M.keeps_dequantized(spec_for(tiny_spec_file, "quantization.mode=nf4"), "cpu")
+    assert not M.keeps_dequantized(spec_for(tiny_spec_file, "quantization.mode=nf4"), "cuda")
+    assert not M.keeps_dequantized(spec_for(tiny_spec_file, "quantization.mode=int8"), "cpu")
+    assert not M.keeps_dequantized(spec_for(tiny_spec_file, "quantization.mode=none"), "cpu")
+    assert not M.keeps_dequantized(spec_for(tiny_spec_file, "lora.init=loftq"), "cpu")
+    assert not M.keeps_dequantized(spec_for(tiny_spec_file, "quantization.cpu_dequantize=false"), "cpu")
 
 
 def test_add_lora_trains_only_adapters(tiny_spec_file):
@@ -163,8 +194,15 @@ def test_load_adapter_reproduces_the_trial(trained):
         assert M.find_adapter(where) == trial / "adapter"
     model, tokenizer, _, saved = M.load_adapter(trial)
     assert saved.model.name == spec.model.name and saved.quantization == spec.quantization
-    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    # On the CPU the NF4 base is kept dequantized (quantization.cpu_dequantize) ...
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer) is torch.nn.Linear
     prepared = data.prepare(saved.data, tokenizer)
+    ppl, tokens = perplexity(model, data.eval_batches(prepared, saved.eval.batch_size))
+    assert tokens == result.eval_tokens and ppl == pytest.approx(result.eval_ppl, rel=1e-5)
+    # ... and the adapter it trained measures the same on bitsandbytes' own 4-bit layers.
+    per_call = dataclasses.replace(saved.quantization, cpu_dequantize=False)
+    model = M.load_adapter(trial, quantization=per_call).model
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     ppl, tokens = perplexity(model, data.eval_batches(prepared, saved.eval.batch_size))
     assert tokens == result.eval_tokens and ppl == pytest.approx(result.eval_ppl, rel=1e-5)
 

@@ -8,7 +8,8 @@ LoRA ``A`` (R, in) and block-diagonal scaled ``B`` (out, R)::
     dx = dy W + dropout'(dxa A)
 
 Everything runs in the compute dtype: the activations are never cast to fp32, the base weight
-is dequantized into one buffer for the forward and again for the backward (never kept), and the
+is dequantized into one buffer for the forward and again for the backward (never kept; a plain
+base weight is read as it is, a plain stacked group is stacked once), and the
 LoRA factors come from :class:`LoraCache`. Gradients of the fp32 LoRA masters are returned in
 fp32. Dropout draws one mask per projection in peft's call order, and at p = 0 draws none, so
 the stacked ``A`` costs one multiply.

@@ -106,6 +106,7 @@ class Group:
         self.in_features = projections[0].in_features
         self.dropouts = [p.dropout for p in projections]
         self.biases = [getattr(p.base, "bias", None) for p in projections]
+        self._stacked: Optional[torch.Tensor] = None  # plain base weights, stacked once
 
     @property
     def out_features(self) -> int:
@@ -119,7 +120,16 @@ class Group:
         return all(p.plain() for p in self.projections)
 
     def base_weight(self, dtype: torch.dtype, device) -> torch.Tensor:
-        """All base weights stacked, (sum of outs, in), freshly dequantized in ``dtype``."""
+        """All base weights stacked, (sum of outs, in), in ``dtype``: 4-bit ones freshly
+        dequantized; plain ones (an unquantized base, or a 4-bit one kept dequantized on the CPU)
+        used as they are, or stacked once and kept, since the base is frozen. Read only."""
+        plain = [p.base.weight for p in self.projections]
+        if all(getattr(w, "quant_state", None) is None and w.dtype == dtype for w in plain):
+            if len(plain) == 1:
+                return plain[0]
+            if self._stacked is None:
+                self._stacked = torch.cat([w.detach() for w in plain])
+            return self._stacked
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
         row = 0
         for p, width in zip(self.projections, self.widths):

@@ -26,7 +26,8 @@ from qlora_ray.budget import TIME_BUDGET
 from qlora_ray.errors import UserError, disk_full_as
 from qlora_ray.evaluate import describe_decoding, measure, write_samples
 from qlora_ray.files import write_text
-from qlora_ray.model import add_lora, device_of, gradient_checkpointing_on, load_base, save_adapter
+from qlora_ray.model import (add_lora, device_of, gradient_checkpointing_on, keeps_dequantized, load_base,
+                             save_adapter)
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
 from qlora_ray.resume import check_resume
 from qlora_ray.spec import JobSpec, to_yaml
@@ -107,6 +108,9 @@ class Trainer:
         ckpt.seed_everything(t.seed)
         self.say(f"loading {spec.model.name} ({spec.quantization.mode}) and the data ...")
         base, self.tokenizer, dtype, _ = load_base(spec)
+        if keeps_dequantized(spec, device_of(base)):
+            self.say(f"the {spec.quantization.mode} base is dequantized once and kept on the CPU "
+                     "(quantization.cpu_dequantize; the same values as per-forward dequantizing)")
         self.prepared = data.prepare(spec.data, self.tokenizer)
         ckpt.seed_everything(t.seed)
         model = add_lora(base, spec)
