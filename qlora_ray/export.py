@@ -108,9 +108,9 @@ def export_gguf(target, out, options: ExportOptions, say: Callable[[str], None] 
         check = export(adapter_dir, spec, converter, tmp / name, work, measured, options, say)
         _refuse_drift(check)
         shutil.rmtree(work)
+        check.gguf = str(out / name)  # where it lands once the folder is renamed into place
         write_text(tmp / layout.MODELFILE, _modelfile_text(spec, measured.tokenizer, name, kind))
         write_text(tmp / layout.EXPORT_CHECK_FILE, check.to_json() + "\n")
-    check.gguf = str(out / name)
     return check
 
 

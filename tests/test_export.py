@@ -88,6 +88,7 @@ def test_export_merged_gguf_reloads_within_tolerance(trained, tmp_path, outtype)
     assert _leftovers(tmp_path) == []
     check = json.loads((out / "export_check.json").read_text())
     assert check["kind"] == "merged" and check["outtype"] == outtype and check["target_tokens"] > 0
+    assert check["gguf"] == str(out / name)  # where the file is, not the folder it was built in
     # The GGUF is held to the merge it was converted from; the merge's gap from the adapter is reported.
     assert abs(check["drift"]) <= 0.02
     assert check["drift"] == pytest.approx(check["gguf_ppl"] / check["merged_ppl"] - 1)
