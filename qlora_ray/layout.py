@@ -100,11 +100,14 @@ def trial_file(trial_id: str, name: str) -> str:
 
 def experiment_cache(exp: str) -> Path:
     """Where a storage URI's experiment is mirrored to be read here."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in exp)
-    return CACHE_ROOT / "experiments" / safe
+    return CACHE_ROOT / "experiments" / _folder_name(exp)
 
 
 def hub_staging(output_dir: str) -> Path:
     """The local folder an ``hf://`` output.dir is mirrored in (the same for the same URI)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in output_dir.rstrip("/"))
-    return HUB_STAGING / safe
+    return HUB_STAGING / _folder_name(output_dir.rstrip("/"))
+
+
+def _folder_name(uri: str) -> str:
+    """``uri`` as one folder name: every character but letters, digits and ``-_.`` made ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in uri)

@@ -23,6 +23,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def say(text: str) -> None:
+    """Print a line of progress as it is (no markup, no highlighting: paths and URIs stay intact)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn a :class:`UserError` into its message on stderr and exit status 2 (no traceback)."""
 

@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from qlora_ray import layout, results, storage
-from qlora_ray.cli.app import app, console, err_console, user_errors
+from qlora_ray.cli.app import app, console, err_console, say, user_errors
 from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray.errors import UserError
 from qlora_ray.records import ExperimentPlan, JobRecord
@@ -72,7 +72,6 @@ def submit(
         console.print(f"  results:    qlora-ray results {name}  (job record: {record.experiment}/{layout.JOB_FILE})",
                       soft_wrap=True, highlight=False)
         return
-    say = (lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
     with hub_experiment(spec.output.dir, spec.name, fresh, say) as staging:
         # An hf:// output.dir: the sweep runs in the local mirror, pushed to the Hub as it goes.
         outcome = runtime.submit(spec_path, [*overrides, *([f"output.dir={staging}"] if staging else [])], console,

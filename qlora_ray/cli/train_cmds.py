@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from qlora_ray.cli.app import app, console, err_console, user_errors
+from qlora_ray.cli.app import app, console, err_console, say, user_errors
 from qlora_ray.cli.loading import TRUST_HELP, quiet_libraries, say_base
 from qlora_ray.cli.spec_cmds import split_args
 from qlora_ray import layout
@@ -53,7 +53,6 @@ def train(
                         "spec with `qlora-ray submit`")
     from qlora_ray.mirror import hub_experiment
 
-    say = (lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
     with hub_experiment(spec.output.dir, spec.name, False, say) as staging:
         if staging is not None:  # runs in the local mirror of the Hub folder
             spec = load_spec(specs[0], [*overrides, f"output.dir={staging}"])
