@@ -17,6 +17,7 @@ from qlora_ray import layout
 from qlora_ray.errors import UserError
 from qlora_ray.records import Baseline
 from qlora_ray.runtime.experiment import reason
+from qlora_ray.runtime.placement import run_reserved
 from qlora_ray.runtime.ray_compat import task_error_cause
 from qlora_ray.spec import JobSpec
 from qlora_ray.storage import Storage
@@ -35,18 +36,19 @@ def start_baseline(spec: JobSpec, storage: Storage, say: Callable[[str], None],
     runs now. Returns the running task, or None when the figures are already saved."""
     if storage.exists(layout.BASELINE_FILE):
         return None
-    res = spec.resources
-    options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
-    if res.accelerator_type:
-        options["accelerator_type"] = res.accelerator_type
-    ref = ray.remote(_baseline_task).options(**options).remote(spec)
     if alongside:
+        res = spec.resources
+        options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
+        if res.accelerator_type:
+            options["accelerator_type"] = res.accelerator_type
         say("baseline: measuring the base model once (perplexity, sample replies), alongside the trials ...")
-        return ref
+        return ray.remote(_baseline_task).options(**options).remote(spec)
     say("baseline: measuring the base model once (perplexity, sample replies) ...")
     start = time.time()
     try:
-        text = ray.get(ref)
+        # Resources reserved first, for a bounded time: a cluster that never frees them ends the
+        # submit with a message instead of a silent wait.
+        text = run_reserved(_baseline_task, (spec,), spec.resources, "baseline (the base model's figures)", say)
     except ray.exceptions.RayTaskError as e:
         # The same model and data feed every trial: stop here, with the reason, not a traceback.
         raise UserError("measuring the base model failed, so no trial was started: "

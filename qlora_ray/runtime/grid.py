@@ -13,6 +13,7 @@ from qlora_ray.plan import Trial
 from qlora_ray.records import TrialStatus, now
 from qlora_ray.runtime import experiment, ray_compat
 from qlora_ray.runtime.capacity import Cluster, concurrency, trial_resources
+from qlora_ray.runtime.placement import ReleaseOrphans
 from qlora_ray.runtime.progress import Progress
 from qlora_ray.runtime.pruning import build_scheduler
 from qlora_ray.runtime.trial import Sweep, run_trial
@@ -53,7 +54,8 @@ def run_grid(spec: JobSpec, sweep: Sweep, cluster: Cluster, console, skipped: in
             trial_dirname_creator=lambda t: t.config["trial_id"]),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage.uri(layout.RAY_DIR), verbose=0,
-            callbacks=[progress, interrupt, *callbacks],
+            # ReleaseOrphans: a stopped trial's worker resources come back for the next trial.
+            callbacks=[progress, interrupt, ReleaseOrphans(), *callbacks],
             # Runner train: Ray Train restarts a dead worker, and the trial function ends normally
             # whatever the worker did, so a Tune retry happens only when the trial's driver itself
             # died (killed, its node lost): it resumes from the trial's checkpoint like a worker.

@@ -7,13 +7,14 @@ it is repeated only when the best trial changed (a wider re-submit, another sele
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Optional
 
 import ray
 
 from qlora_ray import layout
 from qlora_ray.records import TestFigures
 from qlora_ray.runtime.experiment import reason
+from qlora_ray.runtime.placement import ResourcesUnavailable, run_reserved
 from qlora_ray.runtime.ray_compat import task_error_cause
 from qlora_ray.spec import JobSpec
 from qlora_ray.storage import Storage, local_mirror, read_leaderboard
@@ -26,6 +27,15 @@ def _test_task(exp: str, trial_id: str, batch_size: int) -> Optional[str]:
     return figures.to_json() if figures else None
 
 
+def unmeasured_on_test(spec: JobSpec, storage: Storage) -> bool:
+    """Whether the spec has a test set and the leaderboard's best trial is not measured on it yet."""
+    if not spec.data.test:
+        return False
+    best = read_leaderboard(storage.root).best
+    done = storage.read_record(TestFigures, layout.TEST_FILE)
+    return best is not None and (done is None or done.trial_id != best.trial_id)
+
+
 def measure_best_on_test(spec: JobSpec, storage: Storage, say: Callable[[str], None]) -> None:
     """Measure the leaderboard's best trial on ``data.test`` (unless already measured) into ``test.json``."""
     if not spec.data.test:
@@ -34,17 +44,15 @@ def measure_best_on_test(spec: JobSpec, storage: Storage, say: Callable[[str], N
     if best is None:
         say("test set: no trial was selected as best, so nothing was measured on it")
         return
-    done = storage.read_record(TestFigures, layout.TEST_FILE)
-    if done is not None and done.trial_id == best.trial_id:
+    if not unmeasured_on_test(spec, storage):
         return
-    res = spec.resources
-    options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
-    if res.accelerator_type:
-        options["accelerator_type"] = res.accelerator_type
     say(f"test set: measuring the best trial {best.trial_id} and its base on {spec.data.test} ...")
-    ref = ray.remote(_test_task).options(**options).remote(storage.root, best.trial_id, spec.eval.batch_size)
     try:
-        text = ray.get(ref)
+        text = run_reserved(_test_task, (storage.root, best.trial_id, spec.eval.batch_size), spec.resources,
+                            "test set", say)
+    except ResourcesUnavailable as e:
+        say(f"{e}\ntest set: not measured; the leaderboard has no test figures until a submit measures it")
+        return
     except ray.exceptions.RayError as e:
         say(f"test set: measuring failed ({reason(task_error_cause(e))}); the leaderboard has no test figures")
         return

@@ -9,6 +9,11 @@
 - the ``node:__internal_head__`` resource (the head node; named in ``qlora_ray.cluster``);
 - Tune's ``Trial.error_file`` / ``Trial.get_error()``;
 - ``RayTaskError.cause``;
+- the GCS's placement group table (``ray._private.state``, ``gcs_pb2.PlacementGroupTableData``):
+  which actor created a placement group and whether it is dead (``ray.util.placement_group_table``
+  leaves the creator out);
+- Ray Train V2's ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s by default): how long a
+  TorchTrainer waits for its worker's resources before a try counts as failed;
 - that ``tune.run`` installs its SIGINT handler before it calls the callbacks' ``setup`` (so a
   callback can chain its own in front of it) and that the handler does not raise (``Tuner.fit``
   returns normally after a Ctrl-C).
@@ -22,7 +27,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from ray.tune import Callback
 
@@ -104,6 +109,39 @@ def tune_trial_error(trial: Any) -> str:
         with contextlib.suppress(Exception):
             text = trial.get_error()
     return str(text or "")
+
+
+def worker_start_timeout_s() -> float:
+    """How long Ray Train waits for a trial's worker resources on each try."""
+    try:
+        return float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    except ValueError:
+        return 60.0
+
+
+def orphaned_placement_groups() -> List[Any]:
+    """Placement groups of this Ray job that an actor created and that outlive it: nothing can
+    use them any more, yet Ray frees a non-detached group only when its job ends too.
+
+    A Ray Train controller that dies with its Tune trial (a scheduler stop) leaves its worker
+    group's placement group so. Ray Train's own ``PlacementGroupCleaner`` removes it only when
+    it can reach the dashboard's state API, which fails without a dashboard and when several
+    Ray instances run on the machine ("Found multiple active Ray instances")."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    table = gcs_pb2.PlacementGroupTableData
+    job = ray.get_runtime_context().get_job_id()
+    found = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = table.FromString(raw)
+        if (data.state == table.REMOVED or data.is_detached or data.creator_job_id.hex() != job
+                or not data.creator_actor_dead or ray.ActorID(data.creator_actor_id).is_nil()):
+            continue  # in use, someone else's, or made by the driver itself (Tune's trial groups)
+        found.append(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+    return found
 
 
 def task_error_cause(error: BaseException) -> BaseException:

@@ -23,7 +23,7 @@ from qlora_ray.runtime.baseline import finish_baseline, start_baseline
 from qlora_ray.runtime.capacity import check_resources, room_for_baseline
 from qlora_ray.runtime.connect import ConnectOptions, connect
 from qlora_ray.runtime.grid import run_grid
-from qlora_ray.runtime.held_out import measure_best_on_test
+from qlora_ray.runtime.held_out import measure_best_on_test, unmeasured_on_test
 from qlora_ray.runtime.tracking import tracking_callback
 from qlora_ray.runtime.trial import Sweep
 from qlora_ray.spec import load_spec
@@ -82,6 +82,9 @@ def _run(spec, spec_path: Path, trials, storage: Storage, options: ConnectOption
     tracker = None
     if not todo:
         say(f"all {len(trials)} trial(s) already finished; nothing to run (use --fresh to start over)")
+        if unmeasured_on_test(spec, storage):  # an earlier submit could not measure it
+            with connect(options):
+                measure_best_on_test(spec, storage, say)
     else:
         with connect(options) as cluster:
             _say_where(cluster, storage, say)

@@ -33,7 +33,7 @@ from qlora_ray.budget import Deadline
 from qlora_ray.errors import UserError, disk_full_errno
 from qlora_ray.plan import Trial
 from qlora_ray.records import Baseline, Timing, TrialEvent, TrialResult, now, to_line
-from qlora_ray.runtime import experiment
+from qlora_ray.runtime import experiment, ray_compat
 from qlora_ray.runtime.baseline import base_figures
 from qlora_ray.runtime.faults import NO_FAULTS, FaultPlan
 from qlora_ray.runtime.metrics import TrialGauges
@@ -256,8 +256,10 @@ def run_trial(params: Dict[str, Any], sweep: Sweep) -> None:
             raise  # Tune restarts the trial from its last checkpoint (resources.max_failures times)
         error = experiment.reason(e)
         if "startup timed out" in str(e):
-            error = (f"could not get its resources ({trial_resources_text(trial.spec.resources)}) after "
-                     f"{trial.spec.resources.max_failures + 1} tries: {error}")
+            # Not the trial's fault: a failed trial is not done, so the next submit runs it again.
+            error = (f"could not get its resources ({trial_resources_text(trial.spec.resources)}) in "
+                     f"{trial.spec.resources.max_failures + 1} tries of {ray_compat.worker_start_timeout_s():g} s "
+                     "(the cluster was full); not trained: submit again to run it")
     status = experiment.mark_ended(storage, run, result, error)
     final = result.final if result else None
     tune.report({"trial_state": status.status.value, "reason": status.reason or "",
