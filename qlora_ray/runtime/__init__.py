@@ -8,6 +8,7 @@ package that imports ``ray.tune`` and ``ray.train``; importing it changes no env
     baseline    the base model measured once, as a Ray task beside the trials
     trial       the Tune trial function, its TorchTrainer and the worker loop (typed TrialConfig)
     grid        the Tune grid over the unfinished trials
+    placement   a stopped trial's resources given back; bounded waits for the driver's own tasks
     progress    the terminal display (render only)
     jobs        --detach as a Ray Job; status and logs of one
     ray_compat  every touch of Ray's private surface, with the Ray version it was written for

@@ -39,8 +39,13 @@ class ResourcesUnavailable(UserError):
 
 def release_orphans() -> int:
     """Remove this job's placement groups whose creating actor is dead; returns how many."""
+    try:
+        groups = ray_compat.orphaned_placement_groups()
+    except Exception as e:  # a GCS hiccup (or a Ray Client connection): the next poll tries again
+        log.debug("placement group check failed: %s", e)
+        return 0
     removed = 0
-    for group in ray_compat.orphaned_placement_groups():
+    for group in groups:
         with contextlib.suppress(Exception):  # removed meanwhile (Ray Train's own cleaner won)
             remove_placement_group(group)
             removed += 1
@@ -59,10 +64,7 @@ class ReleaseOrphans(tune.Callback):
         if now - self.last < self.every_s:
             return
         self.last = now
-        try:
-            self.released += release_orphans()
-        except Exception as e:  # a GCS hiccup must not end the grid; the next poll tries again
-            log.debug("placement group check failed: %s", e)
+        self.released += release_orphans()
 
 
 def task_request(res: ResourcesSpec) -> Dict[str, float]:
