@@ -9,23 +9,40 @@ start their Ray without a dashboard, so that cleaner cannot help, as on a shared
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+
+# The sweep runs in a fresh process: run in the pytest process, it left test_pruning's later
+# sweep in that process without the trial actors that test looks for (2 runs of 2).
+SWEEP_IN_A_FRESH_PROCESS = """
+import io, json, sys
+from pathlib import Path
+import ray
+from rich.console import Console
+from qlora_ray.runtime.submit import submit
+ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+out = io.StringIO()
+try:
+    outcome = submit(Path(sys.argv[1]), [], Console(file=out, width=200))
+finally:
+    ray.shutdown()
+print(out.getvalue())
+print(json.dumps([row.trial_id for row in outcome.unfinished]))
+"""
 
 
 @pytest.mark.ray
 @pytest.mark.slow  # three real TorchTrainer trials, ~15-20 s of worker start each: about 2 min on 2 cores
 def test_the_trial_after_a_pruned_one_gets_every_cpu_of_the_cluster(tiny_spec_file):
-    """Each trial takes all of the cluster's CPUs: the trial after the pruned one runs only if
-    the pruned trial's worker resources come back."""
-    import ray
-    from rich.console import Console
-
-    from qlora_ray.runtime.submit import submit
-
+    """Each trial takes all of the cluster's CPUs (a Ray of 2 CPUs, 2 per trial): the trial after
+    the pruned one runs only if the pruned trial's worker resources come back."""
     spec = tiny_spec_file.parent / "asha.yaml"
     # 1e-7 meets 2e-2 at the first rung (step 2) and is pruned; 1.9e-2 learns as 2e-2 does, so it
     # clears that rung and must then get both CPUs to finish.
@@ -36,20 +53,19 @@ def test_the_trial_after_a_pruned_one_gets_every_cpu_of_the_cluster(tiny_spec_fi
         "search: {scheduler: asha, grace_period: 2, reduction_factor: 2}\n"
         "sweep: {train.lr: [2.0e-2, 1.0e-7, 1.9e-2]}\n"
         "resources: {gpus_per_trial: 0, cpus_per_trial: 2, max_concurrent_trials: 1}\n", encoding="utf-8")
-    out = io.StringIO()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    try:
-        outcome = submit(spec, [], Console(file=out, width=200))
-    finally:
-        ray.shutdown()
-    text = out.getvalue()
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", SWEEP_IN_A_FRESH_PROCESS, str(spec)], capture_output=True,
+                          text=True, timeout=900, env=env)
+    text = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, text
     exp = tiny_spec_file.parent / "runs" / "tiny"
     board = {t["trial_id"]: t for t in json.loads((exp / "leaderboard.json").read_text())["trials"]}
     assert board["tiny-lr1e-7"]["status"] == "pruned" and board["tiny-lr1e-7"]["pruned_step"] == 2, text
     for tid in ("tiny-lr0.02", "tiny-lr0.019"):
         assert board[tid]["status"] == "finished" and board[tid]["step"] == 4, (tid, board[tid].get("reason"), text)
-    assert outcome.unfinished == []
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], text
 
 
 @pytest.mark.ray
