@@ -20,7 +20,7 @@ from qlora_ray.errors import UserError
 from qlora_ray.evaluate import perplexity
 from qlora_ray.files import publish_dir, write_text
 from qlora_ray.loss import token_loss
-from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, pick_device
+from qlora_ray.model import adapter_spec, find_adapter, load_adapter, load_base, lora_folded_in, pick_device
 from qlora_ray.records import MergeCheck
 from qlora_ray.spec import DATA_FORMATS, DataSpec, JobSpec, QuantizationSpec
 
@@ -106,7 +106,9 @@ def _evaluate_one(model, tokenizer, dtype, spec: JobSpec, dspec: DataSpec, batch
     progress = bar(prepared.eval_stats.target_tokens * (1 if known else 2),
                                 f"measuring {prepared.eval_stats.examples} examples ({passes})")
     try:
-        tuned_sum, base_sum, tokens = _one_pass(model, batches, dtype, not known, progress.update)
+        # Base and tuned interleave per batch (adapter off and on); tuned alone may fold LoRA in.
+        with (contextlib.nullcontext() if not known else lora_folded_in(model)):
+            tuned_sum, base_sum, tokens = _one_pass(model, batches, dtype, not known, progress.update)
     finally:
         progress.close()
     tuned = math.exp(tuned_sum / tokens) if tokens else float("nan")

@@ -9,13 +9,14 @@ bitsandbytes quantization) works as for any HF model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -226,6 +227,35 @@ def keeps_dequantized(spec: JobSpec, device) -> bool:
     on the CPU, for nf4 and fp4, unless LoftQ needs the 4-bit layers to start from."""
     return (torch.device(device).type == "cpu" and spec.quantization.cpu_dequantize
             and spec.quantization.mode in ("nf4", "fp4") and spec.lora.init != "loftq")
+
+
+@contextlib.contextmanager
+def lora_folded_in(model) -> Iterator[bool]:
+    """For forward-only passes of the tuned model on the CPU: each LoRA update folded into its
+    plain fp32 base weight (one matrix multiply per layer instead of three, about 1.2x faster for
+    perplexity at the default job's size), the base weights restored bit for bit afterwards.
+    Yields whether it folded: only when every LoRA layer sits on a plain fp32 linear on the CPU
+    (a kept-dequantized or unquantized base); a 4-bit base would be requantized, a half-precision
+    one rounded. Inside, ``disable_adapter`` does not give the base model: tuned passes only."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    bases = [layer.get_base_layer() for layer in layers]
+    foldable = bool(layers) and all(type(b) is torch.nn.Linear and b.weight.dtype == torch.float32
+                                    and b.weight.device.type == "cpu" for b in bases)
+    if not foldable or not hasattr(model, "merge_adapter"):
+        yield False
+        return
+    # unmerge subtracts what merge added, which leaves fp32 rounding behind: keep the originals.
+    saved = [b.weight.data.clone() for b in bases]
+    model.merge_adapter()
+    try:
+        yield True
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for base, weight in zip(bases, saved):
+                base.weight.data.copy_(weight)
 
 
 def dequantize_once(model, dtype: torch.dtype) -> int:

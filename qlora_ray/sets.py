@@ -103,6 +103,7 @@ class ControlFigures:
 def measure_control(model, tokenizer, spec: JobSpec, dtype, device) -> Optional[ControlFigures]:
     """The peft ``model`` and its base (adapter switched off, or the cache) on the control set."""
     from qlora_ray.evaluate import perplexity
+    from qlora_ray.model import lora_folded_in
 
     dspec = control_data(spec)
     if dspec is None:
@@ -116,7 +117,8 @@ def measure_control(model, tokenizer, spec: JobSpec, dtype, device) -> Optional[
         return Baseline(perplexity=ppl, target_tokens=tokens)
 
     base = base_perplexity(spec, tokenizer, prepared, device, measure_base)
-    tuned, tokens = perplexity(model, batches, dtype)
+    with lora_folded_in(model):
+        tuned, tokens = perplexity(model, batches, dtype)
     return ControlFigures(base_ppl=base.perplexity, tuned_ppl=tuned, tokens=tokens)
 
 

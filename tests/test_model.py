@@ -81,6 +81,38 @@ def test_kept_base_only_on_the_cpu_for_4bit_without_loftq(tiny_spec_file):
     assert not M.keeps_dequantized(spec_for(tiny_spec_file, "quantization.cpu_dequantize=false"), "cpu")
 
 
+def test_lora_folded_in_gives_the_tuned_logits_and_restores_the_base_exactly(tiny_spec_file):
+    """Tuned-only passes on the CPU fold LoRA into the kept fp32 base: the same logits, and after
+    it the base weights are bit for bit what they were (the base model's figures stay exact)."""
+    spec = spec_for(tiny_spec_file)
+    model = M.add_lora(M.load_base(spec).model, spec)
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with M.lora_folded_in(model) as folded:
+            inside = model(input_ids=ids).logits
+        assert folded
+        torch.testing.assert_close(inside, tuned, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(inside, base, atol=1e-3)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" not in n)
+        torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=0, atol=0)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
+    # A 4-bit base would be requantized: left as it is.
+    per_call = spec_for(tiny_spec_file, "quantization.cpu_dequantize=false")
+    four_bit = M.add_lora(M.load_base(per_call).model, per_call)
+    with M.lora_folded_in(four_bit) as folded:
+        assert not folded
+
+
 def test_add_lora_trains_only_adapters(tiny_spec_file):
     spec = spec_for(tiny_spec_file, "lora.target_modules=[q_proj,v_proj]", "lora.rslora=true", "lora.r=4",
                     "lora.alpha=8", "train.gradient_checkpointing=true")

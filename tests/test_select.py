@@ -104,8 +104,8 @@ def test_without_a_guard_the_lowest_eval_wins_and_a_stale_test_is_flagged(tmp_pa
 
 
 def test_spec_keys_are_validated():
-    smoke = ROOT / "jobs" / "hinglish_smoke.yaml"
-    spec = load_spec(smoke)
+    job = ROOT / "jobs" / "hinglish_r16.yaml"
+    spec = load_spec(job)
     assert spec.eval.control.endswith("data/control/chat_en.jsonl") and spec.data.test.endswith("test.jsonl")
     bad = {"results.select=loss": "results.select: 'loss' is not one of",
            "results.max_control_increase=-1": "must be >= 0",
@@ -115,10 +115,10 @@ def test_spec_keys_are_validated():
            "data.max_test_examples=0": "must be >= 1"}
     for override, message in bad.items():
         with pytest.raises(SpecError) as e:
-            load_spec(smoke, [override])
+            load_spec(job, [override])
         assert message in str(e.value), (override, str(e.value))
     with pytest.raises(SpecError, match="needs a control set"):
-        load_spec(smoke, ["eval.control=null", "results.max_control_increase=0.1"])
+        load_spec(job, ["eval.control=null", "results.max_control_increase=0.1"])
     with pytest.raises(SpecError, match="loftq"):
-        load_spec(smoke, ["lora.init=loftq", "quantization.mode=none"])
-    assert load_spec(smoke, ["lora.init=gaussian"]).lora.init == "gaussian"
+        load_spec(job, ["lora.init=loftq", "quantization.mode=none"])
+    assert load_spec(job, ["lora.init=gaussian"]).lora.init == "gaussian"

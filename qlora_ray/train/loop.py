@@ -27,7 +27,7 @@ from qlora_ray.errors import UserError, disk_full_as
 from qlora_ray.evaluate import describe_decoding, measure, write_samples
 from qlora_ray.files import write_text
 from qlora_ray.model import (add_lora, device_of, gradient_checkpointing_on, keeps_dequantized, load_base,
-                             save_adapter)
+                             lora_folded_in, save_adapter)
 from qlora_ray.records import Baseline, FinalMetrics, StepMetrics, TrialResult, to_line
 from qlora_ray.resume import check_resume
 from qlora_ray.spec import JobSpec, to_yaml
@@ -265,7 +265,8 @@ class Trainer:
             self.say("measuring the base model (adapter off) ...")
             baseline = self._measure_base(reuse=True)
         self.say("measuring the tuned model ...")
-        tuned = measure(model, self.tokenizer, self.prepared, spec, self.parts.compute_dtype)
+        with lora_folded_in(model):
+            tuned = measure(model, self.tokenizer, self.prepared, spec, self.parts.compute_dtype)
         samples = None
         if tuned.prompts:
             with disk_full_as(layout.SAMPLES_FILE, self.trial_dir):
