@@ -9,7 +9,7 @@ trials for a GPU); else it runs first.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Optional
 
 import ray
 
@@ -17,7 +17,7 @@ from qlora_ray import layout
 from qlora_ray.errors import UserError
 from qlora_ray.records import Baseline
 from qlora_ray.runtime.experiment import reason
-from qlora_ray.runtime.placement import run_reserved
+from qlora_ray.runtime.placement import run_reserved, task_options
 from qlora_ray.runtime.ray_compat import task_error_cause
 from qlora_ray.spec import JobSpec
 from qlora_ray.storage import Storage
@@ -37,12 +37,8 @@ def start_baseline(spec: JobSpec, storage: Storage, say: Callable[[str], None],
     if storage.exists(layout.BASELINE_FILE):
         return None
     if alongside:
-        res = spec.resources
-        options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
-        if res.accelerator_type:
-            options["accelerator_type"] = res.accelerator_type
         say("baseline: measuring the base model once (perplexity, sample replies), alongside the trials ...")
-        return ray.remote(_baseline_task).options(**options).remote(spec)
+        return ray.remote(_baseline_task).options(**task_options(spec.resources)).remote(spec)
     say("baseline: measuring the base model once (perplexity, sample replies) ...")
     start = time.time()
     try:

@@ -27,13 +27,17 @@ def _test_task(exp: str, trial_id: str, batch_size: int) -> Optional[str]:
     return figures.to_json() if figures else None
 
 
+def _measured(storage: Storage, trial_id: str) -> bool:
+    done = storage.read_record(TestFigures, layout.TEST_FILE)
+    return done is not None and done.trial_id == trial_id
+
+
 def unmeasured_on_test(spec: JobSpec, storage: Storage) -> bool:
     """Whether the spec has a test set and the leaderboard's best trial is not measured on it yet."""
     if not spec.data.test:
         return False
     best = read_leaderboard(storage.root).best
-    done = storage.read_record(TestFigures, layout.TEST_FILE)
-    return best is not None and (done is None or done.trial_id != best.trial_id)
+    return best is not None and not _measured(storage, best.trial_id)
 
 
 def measure_best_on_test(spec: JobSpec, storage: Storage, say: Callable[[str], None]) -> None:
@@ -44,7 +48,7 @@ def measure_best_on_test(spec: JobSpec, storage: Storage, say: Callable[[str], N
     if best is None:
         say("test set: no trial was selected as best, so nothing was measured on it")
         return
-    if not unmeasured_on_test(spec, storage):
+    if _measured(storage, best.trial_id):
         return
     say(f"test set: measuring the best trial {best.trial_id} and its base on {spec.data.test} ...")
     try:

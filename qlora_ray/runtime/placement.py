@@ -75,6 +75,14 @@ def task_request(res: ResourcesSpec) -> Dict[str, float]:
     return {k: v for k, v in request.items() if v > 0}
 
 
+def task_options(res: ResourcesSpec) -> Dict[str, Any]:
+    """Ray task options placing a driver task like a trial (one retry)."""
+    options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
+    if res.accelerator_type:
+        options["accelerator_type"] = res.accelerator_type
+    return options
+
+
 def _amounts(request: Dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in request.items() if not k.startswith(ACCELERATOR_PREFIX)) or "nothing"
 
@@ -112,10 +120,7 @@ def run_reserved(fn: Callable[..., Any], args: tuple, res: ResourcesSpec, what: 
     """Run ``fn(*args)`` as a Ray task placed like a trial and return its result; its resources
     are reserved first, for at most ``wait_s`` (ResourcesUnavailable, naming ``what``, after that),
     so the driver never waits in silence for resources that are not coming."""
-    request = task_request(res)
-    options: Dict[str, Any] = {"num_cpus": res.cpus_per_trial, "num_gpus": res.gpus_per_trial, "max_retries": 1}
-    if res.accelerator_type:
-        options["accelerator_type"] = res.accelerator_type
+    request, options = task_request(res), task_options(res)
     if not request:  # asks for nothing: nothing to wait for
         return ray.get(ray.remote(fn).options(**options).remote(*args))
     group = _reserve(request, what, say, RESOURCE_WAIT_S if wait_s is None else wait_s)
